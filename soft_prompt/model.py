@@ -19,6 +19,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .embedding import SoftPromptEmbedding
+from .loss import frozen_head_cross_entropy
 
 IGNORE_INDEX = -100
 
@@ -72,6 +73,14 @@ class SoftPromptModel(nn.Module):
             **(metadata or {}),
         }
         self._takes_position_ids = "position_ids" in inspect.signature(base_model.forward).parameters
+        # The chunked loss applies the LM head itself: only for a plain linear head over the
+        # decoder's last hidden state (no logit soft-capping or scaling, which it would skip).
+        config = base_model.config
+        self._plain_linear_head = (
+            isinstance(base_model.get_output_embeddings(), nn.Linear)
+            and callable(getattr(base_model, "get_decoder", None))
+            and not any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale"))
+        )
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -128,6 +137,30 @@ class SoftPromptModel(nn.Module):
             prompt_labels = labels.new_full((labels.shape[0], self.num_virtual_tokens), IGNORE_INDEX)
             inputs["labels"] = torch.cat([prompt_labels, labels], dim=1)  # [B, V + T]
         return self.base_model(**inputs, **kwargs)
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The mean next-token cross-entropy over the labelled tokens, as `forward(...).loss`, but
+        without the `[B, V + T, vocab]` logits: the LM head runs only where a label is (not on
+        virtual tokens or padding), a chunk at a time (see `loss.py`). `labels` `[B, T]`, -100 = none.
+        """
+        if labels is None:
+            labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        if not self._plain_linear_head:
+            return self(input_ids, attention_mask, labels, use_cache=False).loss
+        inputs = self.prepare_inputs(input_ids, attention_mask)
+        hidden = self.base_model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # [B, V + T, D]
+        # Position j predicts token j + 1: the text tokens x1..xT are predicted from V-1..V+T-2.
+        num_virtual, length = self.num_virtual_tokens, input_ids.shape[1]
+        predicting_text = hidden[:, num_virtual - 1 : num_virtual + length - 1]  # [B, T, D]
+        has_label = labels != IGNORE_INDEX
+        return frozen_head_cross_entropy(
+            predicting_text[has_label], self.base_model.get_output_embeddings(), labels[has_label]
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
 

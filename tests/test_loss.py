@@ -1,0 +1,61 @@
+"""The chunked frozen-head loss equals the model's own loss and gradient, without the full logits."""
+
+import pytest
+import torch
+
+from soft_prompt import SoftPromptModel
+from soft_prompt.loss import frozen_head_cross_entropy
+
+TEXTS = ["the cat is lovely", "our team made me smile and helps everyone"]
+
+
+def loss_and_grad(loss_fn):
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach()
+
+
+@pytest.mark.parametrize("completion_only", [False, True])
+def test_equals_the_models_own_loss_and_gradient(model_and_tokenizer, completion_only):
+    model, tokenizer = model_and_tokenizer
+    wrapper = SoftPromptModel(model, num_virtual_tokens=3, seed=0)
+    inputs = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    if completion_only:
+        labels[:, :3] = -100
+    hf_loss = loss_and_grad(lambda: wrapper(**inputs, labels=labels).loss)
+    hf_grad = wrapper.prompt.weight.grad.clone()
+    wrapper.prompt.weight.grad = None
+    our_loss = loss_and_grad(lambda: wrapper.loss(**inputs, labels=labels))
+    torch.testing.assert_close(our_loss, hf_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wrapper.prompt.weight.grad, hf_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_chunks_do_not_change_the_result():
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 50, bias=True).requires_grad_(False)
+    targets = torch.randint(0, 50, (11,))
+    reference = torch.nn.functional.cross_entropy(head(hidden), targets)
+    (reference_grad,) = torch.autograd.grad(reference, hidden)
+    for chunk_rows in (1, 4, 11, 100):
+        loss = frozen_head_cross_entropy(hidden, head, targets, chunk_rows=chunk_rows)
+        (grad,) = torch.autograd.grad(3 * loss, hidden)  # the upstream gradient is applied
+        torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, 3 * reference_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_autocast_is_close_to_fp32(bloom):
+    model, tokenizer = bloom
+    wrapper = SoftPromptModel(model, num_virtual_tokens=3, seed=0)
+    inputs = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    fp32 = wrapper.loss(**inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = wrapper.loss(**inputs)
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, rtol=2e-2, atol=0)
+
+
+def test_a_trainable_head_is_refused():
+    with pytest.raises(ValueError, match="frozen LM head"):
+        frozen_head_cross_entropy(torch.randn(2, 4), torch.nn.Linear(4, 5), torch.tensor([0, 1]))

@@ -3,11 +3,33 @@
 A template is plain text with `{column}` placeholders, e.g. "Sentence : {text} Label : {label_text}".
 Its last placeholder starts the *completion* (the label words above): what `--loss-on completion`
 trains on and what classification scores.
+
+A row becomes `prompt ids + completion ids + eos` (cut to `max_length`), its labels the same ids
+with -100 where no loss is taken; batches are padded on the right to their own longest row.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# Length grouping sorts rows within windows of this many batches, so the order stays random.
+GROUP_WINDOW_BATCHES = 50
+# A last field with at most this many distinct values is taken to hold label words.
+MAX_LABEL_WORDS = 20
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
 
 
 def template_fields(template: str) -> list[str]:
@@ -50,3 +72,266 @@ def split_template(template: str, row: dict) -> tuple[str, str]:
     stripped = prompt.rstrip()
     return stripped, prompt[len(stripped):] + completion
 
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_rows(data: str, split: str = "train") -> list[dict]:
+    """Rows from a local .jsonl/.json/.csv/.parquet file or a hub data set, through `datasets`."""
+    import datasets
+
+    path = Path(data)
+    if path.suffix in FILE_FORMATS or path.exists():  # a local file; anything else is a hub name
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {data} does not exist")
+        if path.suffix not in FILE_FORMATS:
+            raise ValueError(f"data file {data}: use one of {', '.join(FILE_FORMATS)}")
+        return datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train").to_list()
+    try:
+        return datasets.load_dataset(data, split=split).to_list()
+    except Exception as error:  # datasets raises many types for an unreachable or unknown hub name
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"could not load data set {data!r} split {split!r} ({first_line}); without hub access pass a local "
+            ".jsonl/.json/.csv/.parquet file with --data"
+        ) from None
+
+
+def check_fields(template: str, rows: list[dict], source: str) -> None:
+    """Every field of the template must be a column of the data."""
+    if not rows:
+        raise ValueError(f"{source} has no rows")
+    missing = [name for name in template_fields(template) if name not in rows[0]]
+    if missing:
+        raise ValueError(
+            f"template field(s) {', '.join(missing)} not in {source} (columns: {', '.join(rows[0])}); fix --template"
+        )
+
+
+# -- tokenisation and batching -----------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+
+def tokenize_rows(
+    tokenizer, template: str, rows: list[dict], loss_on: str = "all", max_length: int = 256
+) -> tuple[list[Example], int, int]:
+    """Examples for training: `(examples, num_truncated, num_dropped)`.
+
+    Each row is `prompt + completion + eos` (see `split_template`); the prompt is tokenised with the
+    tokenizer's special tokens (a BOS where the model wants one), the completion without. With
+    `loss_on="completion"` only the completion's tokens (and eos) carry labels. Rows longer than
+    `max_length` tokens are cut at the end; rows left with no labelled token are dropped.
+    """
+    if loss_on not in ("all", "completion"):
+        raise ValueError(f"loss_on must be 'all' or 'completion', got {loss_on!r}")
+    examples, num_truncated, num_dropped = [], 0, 0
+    for row in rows:
+        prompt, completion = split_template(template, row)
+        prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        input_ids = prompt_ids + completion_ids
+        labels = (prompt_ids if loss_on == "all" else [IGNORE_INDEX] * len(prompt_ids)) + completion_ids
+        if len(input_ids) > max_length:
+            input_ids, labels, num_truncated = input_ids[:max_length], labels[:max_length], num_truncated + 1
+        if all(label == IGNORE_INDEX for label in labels):
+            num_dropped += 1
+            continue
+        examples.append(Example(input_ids, labels))
+    return examples, num_truncated, num_dropped
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, group_by_length: bool = False) -> list[list[int]]:
+    """The batches of one epoch as lists of example indices, a pure function of `seed`.
+
+    With `group_by_length`, shuffled indices are cut into mega-batches of 50 batches, each sorted by
+    length, so a batch holds rows of similar length (less padding); the batches are then shuffled.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if group_by_length:
+        mega = batch_size * 50
+        order = [i for start in range(0, len(order), mega) for i in sorted(order[start : start + mega], key=lambda i: -lengths[i])]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest row: `input_ids`, `attention_mask`, `labels`, each `[B, T]`."""
+    length = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        size = len(example.input_ids)
+        input_ids[row, :size] = torch.tensor(example.input_ids)
+        labels[row, :size] = torch.tensor(example.labels)
+        attention_mask[row, :size] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def load_rows(source: str, split: str = "train") -> list[dict]:
+    """The rows of a local `.jsonl`/`.json`/`.csv`/`.parquet` file (all of it), a local data-set
+    folder (`split` of it) or a hub data set (`split` of it), loaded through `datasets`."""
+    import datasets
+
+    path = Path(source)
+    if path.suffix.lower() in DATA_FILE_BUILDERS:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {source} does not exist")
+        dataset = datasets.load_dataset(DATA_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
+    elif path.is_file():
+        raise ValueError(f"data file {source} is not .jsonl, .json, .csv or .parquet")
+    elif path.is_dir():
+        dataset = datasets.load_dataset(str(path), split=split)
+    else:
+        try:
+            dataset = datasets.load_dataset(source, split=split)
+        except Exception as error:  # offline, unknown name, missing split: all mean "use a local copy"
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(
+                f"could not load data set {source!r} (split {split!r}) from the hub ({reason}): "
+                "pass a local .jsonl/.json/.csv/.parquet file or folder with --data"
+            ) from None
+    return dataset.to_list()
+
+
+def check_template_columns(template: str, rows: list[dict], source: str) -> None:
+    """A template field that is not a column of the data is an error naming the columns there are."""
+    columns = list(rows[0]) if rows else []
+    missing = [name for name in template_fields(template) if name not in columns]
+    if missing:
+        raise ValueError(
+            f"template field {{{missing[0]}}} is not a column of {source} (its columns: {', '.join(columns) or 'none'})"
+        )
+
+
+def split_validation(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, validation): a seeded random `fraction` of the rows held out (at least one row)."""
+    if fraction <= 0:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[: max(1, round(fraction * len(rows)))])
+    return [row for i, row in enumerate(rows) if i not in held_out], [row for i, row in enumerate(rows) if i in held_out]
+
+
+def label_words_of(template: str, rows: list[dict]) -> list[str] | None:
+    """The distinct values of the template's last field, sorted, when few enough to be labels."""
+    last = template_fields(template)[-1]
+    values = sorted({str(row[last]) for row in rows})
+    return values if len(values) <= MAX_LABEL_WORDS else None
+
+
+# -- tokenisation -------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # -100 where no loss is taken
+
+
+@dataclass
+class TokenizeStats:
+    rows: int = 0
+    truncated: int = 0  # rows cut to max_length
+    dropped: int = 0  # rows left out: an empty field, or (completion loss) no completion token left
+
+
+def tokenize_row(tokenizer, template: str, row: dict, max_length: int, loss_on: str = "all") -> tuple[Example, bool]:
+    """(example, truncated) for one row: prompt ids (the tokenizer's defaults, so any bos) +
+    completion ids (no special tokens) + eos, cut to `max_length` with the eos kept last.
+
+    `loss_on="all"` labels every token; `"completion"` only the completion's tokens and the eos.
+    """
+    prompt, completion = split_template(template, row)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    text_ids = prompt_ids + completion_ids
+    truncated = len(text_ids) > max_length - 1
+    input_ids = text_ids[: max_length - 1] + [tokenizer.eos_token_id]
+    labels = list(input_ids)
+    if loss_on == "completion":
+        num_prompt = min(len(prompt_ids), len(input_ids) - 1)
+        labels[:num_prompt] = [IGNORE_INDEX] * num_prompt
+    return Example(input_ids, labels), truncated
+
+
+def tokenize_rows(
+    tokenizer, template: str, rows: list[dict], max_length: int, loss_on: str = "all"
+) -> tuple[list[Example], TokenizeStats]:
+    """The rows as examples, leaving out rows with an empty field and, for the completion loss,
+    rows cut so short that no completion token is left; `stats` counts both and the truncations."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token to end each row: set tokenizer.eos_token")
+    fields = template_fields(template)
+    examples, stats = [], TokenizeStats(rows=len(rows))
+    for row in rows:
+        if any(row[name] is None or str(row[name]) == "" for name in fields):
+            stats.dropped += 1
+            continue
+        example, truncated = tokenize_row(tokenizer, template, row, max_length, loss_on)
+        stats.truncated += truncated
+        # The eos is always labelled; a completion row needs at least one completion token too.
+        if loss_on == "completion" and sum(label != IGNORE_INDEX for label in example.labels) < 2:
+            stats.dropped += 1
+            continue
+        examples.append(example)
+    return examples, stats
+
+
+# -- batching -----------------------------------------------------------------------------------
+
+
+def batch_order(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = False
+) -> list[list[int]]:
+    """The batches of one epoch as lists of row indices: a shuffle seeded by (seed, epoch), so any
+    epoch's order can be rebuilt on resume. With `group_by_length`, rows are sorted by length
+    within windows of 50 batches and the batches shuffled again, so padding shrinks but the order
+    stays random."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if group_by_length:
+        window = batch_size * GROUP_WINDOW_BATCHES
+        order = [
+            index
+            for start in range(0, len(order), window)
+            for index in sorted(order[start : start + window], key=lambda i: -lengths[i])
+        ]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask`, `labels`, each `[B, T]`, T the batch's longest row; padding
+    on the right (pad id, mask 0, label -100)."""
+    length = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def num_batches(num_rows: int, batch_size: int) -> int:
+    return math.ceil(num_rows / batch_size)

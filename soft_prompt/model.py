@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .data import IGNORE_INDEX
 from .embedding import SoftPromptEmbedding
 from .loss import frozen_head_cross_entropy
-
-IGNORE_INDEX = -100
 
 
 class SoftPromptModel(nn.Module):

@@ -1,0 +1,607 @@
+"""Parity with PEFT's prompt tuning: where this implementation equals PEFT, and where (and why) it
+deliberately differs, measured on the same model and data.
+
+    python benchmarks/parity.py [--tiny bloom|gpt2|llama | --model DIR] [--data FILE.jsonl]
+
+Prints a table and writes benchmarks/results/parity-<model>.md and .json (or under --output-dir).
+Each row is a measured figure against a stated tolerance:
+
+    pass   we equal PEFT within the tolerance
+    FAIL   we do not: a bug (the script exits 1)
+    info   a documented difference (or PEFT's own breakage); its check says what was verified
+
+Sections: 1 initialisation, 2 forward, 3 training, 4 generation, 5 checkpoints. Every model is
+loaded fresh for each side, so no side sees another's state; dropout is switched off everywhere
+(p=0) so that training is deterministic and compares implementations, not random masks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
+from soft_prompt import SoftPromptModel  # noqa: E402
+from soft_prompt.data import fill_template  # noqa: E402
+from soft_prompt.embedding import text_init_ids  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+HATE_TEMPLATE = "Sentence : {text} Label : {label_text}"
+PROMPTS_TEMPLATE = "Act as a {act}. Prompt: {prompt}"
+INIT_TEXT = "Is this hate speech?"  # shorter than the prompt on every tokenizer here: the fill shows
+# The tutorial's generation inputs: one prompts-task opening and two ETHOS-style sentences.
+GENERATION_INPUTS = [
+    "Act as a fitness Trainer. Prompt: ",
+    "Sentence : Why do you insist on being so annoying? Label : ",
+    "Sentence : those people are animals and should be thrown out Label : ",
+]
+
+# Tolerances. The two sides run the same frozen model on the same inputs_embeds, so fp32 and bf16
+# logits are expected bit-equal up to kernel reordering; a training step only adds AdamW on top.
+EXACT = 0.0
+LOGITS_FP32 = 1e-5  # max |logit difference|
+LOGITS_BF16 = 1e-2  # max |logit difference|: a few bf16 ulps of logits of size ~1-10
+LOSS_FP32 = 1e-6  # |loss difference| / loss
+LOSS_BF16 = 1e-2  # |loss difference| / loss
+TRAIN_LOSS_REL = 1e-5  # max over steps of |loss difference| / loss
+TRAIN_PROMPT_ABS = 1e-4  # max |final prompt difference|, prompt entries are ~N(0, 1)
+
+
+@dataclass
+class Row:
+    section: str
+    check: str
+    measured: str
+    tolerance: str
+    status: str  # "pass", "FAIL" or "info"
+    note: str = ""
+    details: dict = field(default_factory=dict)
+
+
+def status(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+# -----------------------------------------------------------------------------------------------
+# Models, data and batches shared by every row
+
+
+@dataclass
+class Setup:
+    model_dir: str
+    name: str
+    tokenizer: object
+    examples: list[list[int]]  # tokenised training texts, each at most max_length ids
+    template: str
+    args: argparse.Namespace
+
+
+def load_base(model_dir: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A fresh copy of the frozen model, eval mode, dropout off (see the module docstring)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    # Attention dropout that is a float, not a module (GPT-2 keeps a module, Llama a float).
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
+def load_rows(path: str | None, num_rows: int) -> tuple[list[dict], str]:
+    """Rows and their template: ETHOS-shaped (text, label_text) or prompts-shaped (act, prompt)."""
+    if path is None:
+        from soft_prompt.tiny import demo_rows
+
+        return demo_rows(num_rows), HATE_TEMPLATE
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()][:num_rows]
+    if {"text", "label_text"} <= rows[0].keys():
+        return rows, HATE_TEMPLATE
+    if {"act", "prompt"} <= rows[0].keys():
+        return rows, PROMPTS_TEMPLATE
+    raise ValueError(f"{path}: rows need text+label_text or act+prompt columns, got {sorted(rows[0])}")
+
+
+def tokenizer_for(model_dir: str):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Right padding: prompt, text and padding then sit at the same positions on both sides.
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def make_setup(args: argparse.Namespace, model_dir: str, name: str) -> Setup:
+    tokenizer = tokenizer_for(model_dir)
+    rows, template = load_rows(args.data, args.steps * args.batch_size)
+    # The tutorial's preprocessing: tokenizer(text) with its defaults, truncated.
+    examples = [
+        tokenizer(fill_template(template, row), truncation=True, max_length=args.max_length)["input_ids"]
+        for row in rows
+    ]
+    return Setup(model_dir, name, tokenizer, examples, template, args)
+
+
+def batches(setup: Setup) -> list[dict[str, torch.Tensor]]:
+    """`steps` batches of `batch_size` examples in order, built by the tutorial's collator
+    (right padding; labels = input_ids with padding set to -100), so every side gets the same."""
+    collator = DataCollatorForLanguageModeling(setup.tokenizer, mlm=False)
+    size = setup.args.batch_size
+    examples = [setup.examples[i % len(setup.examples)] for i in range(setup.args.steps * size)]
+    return [collator([{"input_ids": ids} for ids in examples[i : i + size]]) for i in range(0, len(examples), size)]
+
+
+def ours(setup: Setup, base: nn.Module | None = None, **init) -> SoftPromptModel:
+    base = base if base is not None else load_base(setup.model_dir)
+    init = {"init": "random", "seed": setup.args.seed, **init}
+    return SoftPromptModel(base, setup.args.num_virtual_tokens, tokenizer=setup.tokenizer, **init)
+
+
+def peft(setup: Setup, base: nn.Module | None = None, init: str = "RANDOM", weight: torch.Tensor | None = None):
+    """PEFT's prompt tuning on a fresh model; its prompt set to `weight` when given.
+
+    RANDOM is nn.Embedding's normal(0, 1) from the global RNG: get_peft_model draws nothing before
+    it, so seeding right before the call gives the rows `torch.manual_seed(seed)` gives (row 1).
+    """
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    base = base if base is not None else load_base(setup.model_dir)
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=setup.args.num_virtual_tokens,
+        prompt_tuning_init=init,
+        prompt_tuning_init_text=INIT_TEXT if init == "TEXT" else None,
+        tokenizer_name_or_path=setup.model_dir if init == "TEXT" else None,
+    )
+    torch.manual_seed(setup.args.seed)
+    model = get_peft_model(base, config)
+    if weight is not None:
+        with torch.no_grad():
+            peft_prompt(model).copy_(weight)
+    return model
+
+
+def peft_prompt(model) -> torch.Tensor:
+    return model.prompt_encoder["default"].embedding.weight
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+def max_abs_real(ours_logits: torch.Tensor, peft_logits: torch.Tensor, batch: dict, setup: Setup) -> float:
+    """max |logit difference| at the prompt's and the text's positions, not at padding: we pass
+    position ids, PEFT does not; with right padding they agree on every real token, and padding's
+    logits are never used."""
+    prompt = torch.ones(batch["input_ids"].shape[0], setup.args.num_virtual_tokens)
+    real = torch.cat([prompt, batch["attention_mask"]], dim=1).bool()  # [B, V + T]
+    return max_abs(ours_logits[real], peft_logits[real])
+
+
+# -----------------------------------------------------------------------------------------------
+# 1. Initialisation
+
+
+def initialisation_rows(setup: Setup) -> list[Row]:
+    rows = []
+    num_virtual = setup.args.num_virtual_tokens
+    embeddings = load_base(setup.model_dir).get_input_embeddings().weight.detach()
+
+    ours_random = ours(setup).prompt.weight
+    peft_random = peft_prompt(peft(setup))
+    diff = max_abs(ours_random, peft_random)
+    rows.append(Row("1 init", f"random (seed={setup.args.seed}) == PEFT RANDOM (torch.manual_seed before get_peft_model)",
+                    f"max|diff| {diff:.1e}", "== 0", status(diff == EXACT)))
+
+    # PEFT's TEXT: tokenizer(text) with the tokenizer's defaults, cycled to V ids.
+    ours_ids = text_init_ids(setup.tokenizer, INIT_TEXT, num_virtual, "repeat")
+    peft_text_ids = setup.tokenizer(INIT_TEXT)["input_ids"]
+    peft_ids = (peft_text_ids * math.ceil(num_virtual / len(peft_text_ids)))[:num_virtual]
+    peft_text = peft_prompt(peft(setup, init="TEXT"))
+    assert torch.equal(peft_text, embeddings[peft_ids]), "PEFT's TEXT rows are not the ids we derived for it"
+    ours_repeat = ours(setup, init="text", init_text=INIT_TEXT, text_fill="repeat").prompt.weight
+    diff = max_abs(ours_repeat, peft_text)
+    ids = {"ours": ours_ids, "peft": peft_ids}
+    if ours_ids == peft_ids:
+        rows.append(Row("1 init", 'text, text_fill="repeat" == PEFT TEXT', f"max|diff| {diff:.1e}; same {len(ours_ids)} ids",
+                        "== 0", status(diff == EXACT), details=ids))
+    else:
+        # A tokenizer that adds special tokens by default (a BOS, e.g. Llama-style): PEFT embeds it.
+        extra = setup.tokenizer.convert_ids_to_tokens([i for i in peft_text_ids if i in setup.tokenizer.all_special_ids])
+        ok = torch.equal(ours_repeat, embeddings[ours_ids])
+        rows.append(Row("1 init", 'text, text_fill="repeat" vs PEFT TEXT', f"max|diff| {diff:.1e}; PEFT's ids add {extra}",
+                        "rows == embeddings[ours ids]", "info" if ok else "FAIL",
+                        "we tokenise without special tokens, PEFT with the tokenizer's defaults", details=ids))
+
+    text_ids = setup.tokenizer(INIT_TEXT, add_special_tokens=False)["input_ids"]
+    pad_ids = text_init_ids(setup.tokenizer, INIT_TEXT, num_virtual, "pad")
+    ours_pad = ours(setup, init="text", init_text=INIT_TEXT, text_fill="pad").prompt.weight
+    filled = max(num_virtual - len(text_ids), 0)
+    ok = torch.equal(ours_pad, embeddings[pad_ids])
+    rows.append(Row("1 init", 'text, text_fill="pad" (default) vs PEFT TEXT (cycles)',
+                    f"{num_virtual - filled} text rows + {filled} pad rows; {int((ours_pad != peft_text).any(1).sum())} rows differ",
+                    "rows == embeddings[text ids + pad ids]", "info" if ok else "FAIL",
+                    "documented: a short text is padded, not repeated; text_fill='repeat' is PEFT's",
+                    details={"ours": pad_ids, "peft": peft_ids}))
+
+    # SAMPLE_VOCAB: PEFT draws randint(vocab) from the global RNG after nn.Embedding's own draw;
+    # ours from a private generator seeded `seed`. Same distribution, other draws.
+    vocab = embeddings.shape[0]
+    ours_vocab = ours(setup, init="vocab", vocab_size=vocab).prompt.weight
+    peft_vocab = peft_prompt(peft(setup, init="SAMPLE_VOCAB"))
+    ours_vocab_ids, peft_vocab_ids = row_ids(ours_vocab, embeddings), row_ids(peft_vocab, embeddings)
+    ok = None not in ours_vocab_ids and None not in peft_vocab_ids
+    rows.append(Row("1 init", f"vocab (vocab_size={vocab}) vs PEFT SAMPLE_VOCAB",
+                    f"both embedding rows: {ok}; {sum(a == b for a, b in zip(ours_vocab_ids, peft_vocab_ids))}/{num_virtual} same ids",
+                    "every row is an embedding row", "info" if ok else "FAIL",
+                    "documented: uniform ids on both sides, drawn from different RNG streams; ours defaults to the "
+                    "first 5000 ids (Lester et al.), PEFT samples the whole vocabulary",
+                    details={"ours": ours_vocab_ids, "peft": peft_vocab_ids}))
+    return rows
+
+
+def row_ids(prompt: torch.Tensor, embeddings: torch.Tensor) -> list[int | None]:
+    """For each prompt row, the first token id whose embedding equals it exactly (None if none)."""
+    ids = []
+    for row in prompt.detach():
+        matches = (embeddings == row).all(dim=1).nonzero()
+        ids.append(int(matches[0]) if len(matches) else None)
+    return ids
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. Forward
+
+
+def forward_rows(setup: Setup) -> list[Row]:
+    rows = []
+    batch = batches(setup)[0]
+    for dtype, logits_tol, loss_tol in ((torch.float32, LOGITS_FP32, LOSS_FP32), (torch.bfloat16, LOGITS_BF16, LOSS_BF16)):
+        name = str(dtype).removeprefix("torch.")
+        ours_model = ours(setup, base=load_base(setup.model_dir, dtype))
+        peft_model = peft(setup, base=load_base(setup.model_dir, dtype), weight=ours_model.prompt.weight)
+        with torch.no_grad():
+            ours_out = ours_model(**batch)
+            peft_out = peft_model(**batch)
+            chunked_loss = ours_model.loss(**batch)
+        diff = max_abs_real(ours_out.logits, peft_out.logits, batch, setup)
+        rows.append(Row("2 forward", f"{name}: logits at real positions, batch {list(batch['input_ids'].shape)} right-padded",
+                        f"max|diff| {diff:.1e}", f"<= {logits_tol:g}", status(diff <= logits_tol)))
+        for label, loss in (("forward(labels).loss", ours_out.loss), ("loss() (chunked head)", chunked_loss)):
+            rel = abs(loss.item() - peft_out.loss.item()) / abs(peft_out.loss.item())
+            rows.append(Row("2 forward", f"{name}: {label} vs PEFT forward loss",
+                            f"{loss.item():.6f} vs {peft_out.loss.item():.6f} (rel {rel:.1e})", f"rel <= {loss_tol:g}",
+                            status(rel <= loss_tol)))
+    return rows
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. Training: the same AdamW steps on the same batches with the same schedule
+
+
+def train_plain(params: list[torch.Tensor], loss_fn, batch_list, args) -> list[float]:
+    """One AdamW step per batch as Trainer takes it: forward, backward, clip to 1.0 (Trainer's
+    max_grad_norm), step, schedule. AdamW as Trainer builds it: betas 0.9/0.999, eps 1e-8 and no
+    weight decay (torch's own default would add 0.01); Trainer's linear schedule (warmup from 0)."""
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, eps=1e-8)
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
+    losses = []
+    for batch in batch_list:
+        loss = loss_fn(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def train_ours(model: SoftPromptModel, batch_list, args) -> list[float]:
+    # Our side: a plain loop on the chunked model.loss, as a training loop uses it. This is the
+    # one place to switch to soft_prompt.training's step once it ships one.
+    return train_plain([model.prompt.weight], lambda batch: model.loss(**batch), batch_list, args)
+
+
+def train_peft_plain(model, batch_list, args) -> list[float]:
+    return train_plain([peft_prompt(model)], lambda batch: model(**batch).loss, batch_list, args)
+
+
+def train_peft_trainer(model, setup: Setup, per_token_mean: bool) -> list[float]:
+    """PEFT driven by HF Trainer as the tutorial does: DataCollatorForLanguageModeling(mlm=False),
+    default optimizer (fused AdamW), linear schedule, clip 1.0; only the shuffling is off (a
+    sequential sampler) so that it sees our batches in our order.
+
+    Returns the loss of each step as Trainer computed it. By default Trainer passes the model a
+    `num_items_in_batch` (the labels it counts), and the model divides its summed loss by that
+    instead of taking the per-token mean; per_token_mean=True sets `model_accepts_loss_kwargs =
+    False`, which turns that off."""
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+
+    args = setup.args
+    losses = []
+
+    class InOrderTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+        def compute_loss(self, *a, **kw):
+            loss = super().compute_loss(*a, **kw)
+            losses.append(loss.item())
+            return loss
+
+    examples = [setup.examples[i % len(setup.examples)] for i in range(args.steps * args.batch_size)]
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = InOrderTrainer(
+            model=model,
+            args=TrainingArguments(
+                output_dir=output_dir,
+                per_device_train_batch_size=args.batch_size,
+                max_steps=args.steps,
+                learning_rate=args.lr,
+                weight_decay=0.0,
+                warmup_steps=args.warmup_steps,
+                lr_scheduler_type="linear",
+                max_grad_norm=1.0,
+                use_cpu=True,
+                seed=args.seed,
+                report_to="none",
+                save_strategy="no",
+                logging_strategy="no",
+                disable_tqdm=True,
+            ),
+            train_dataset=[{"input_ids": ids} for ids in examples],
+            data_collator=DataCollatorForLanguageModeling(setup.tokenizer, mlm=False),
+        )
+        if per_token_mean:
+            trainer.model_accepts_loss_kwargs = False
+        trainer.train()
+    return losses
+
+
+def max_rel(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def training_rows(setup: Setup) -> tuple[list[Row], dict]:
+    args = setup.args
+    batch_list = batches(setup)
+    ours_model = ours(setup)
+    start = ours_model.prompt.weight.detach().clone()
+    curves = {"ours": train_ours(ours_model, batch_list, args)}
+    final = {"ours": ours_model.prompt.weight.detach()}
+
+    peft_model = peft(setup, weight=start)
+    curves["peft-loop"] = train_peft_plain(peft_model, batch_list, args)
+    final["peft-loop"] = peft_prompt(peft_model).detach().clone()
+    for side, per_token_mean in (("peft-trainer", False), ("peft-trainer-mean", True)):
+        peft_model = peft(setup, weight=start)
+        curves[side] = train_peft_trainer(peft_model, setup, per_token_mean)
+        final[side] = peft_prompt(peft_model).detach().clone()
+
+    setting = f"{args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, warmup {args.warmup_steps}"
+    rows = []
+
+    def compare(side: str, check: str, note: str = "") -> Row:
+        loss_rel = max_rel(curves["ours"], curves[side])
+        prompt_diff = max_abs(final["ours"], final[side])
+        ok = loss_rel <= TRAIN_LOSS_REL and prompt_diff <= TRAIN_PROMPT_ABS
+        return Row("3 train", f"{check}: {setting}", f"losses max rel {loss_rel:.1e}; final prompt max|diff| {prompt_diff:.1e}",
+                   f"rel <= {TRAIN_LOSS_REL:g}; |diff| <= {TRAIN_PROMPT_ABS:g}", status(ok), note)
+
+    rows.append(compare("peft-loop", "PEFT in a plain loop"))
+    tutorial = compare("peft-trainer", "PEFT + HF Trainer (tutorial defaults)")
+    # Trainer counts the labels over labels[:, 1:] when it knows the model's loss as the shifting
+    # causal-LM loss (BLOOM, Llama; not GPT2LMHeadModel). PEFT has prepended the prompt's -100s by
+    # then, so every real label is a target: the summed loss is divided by one token per row too
+    # few. Predict that scale per batch and check that it explains Trainer's losses exactly.
+    scale = [(b["labels"] != -100).sum().item() / (b["labels"][:, 1:] != -100).sum().item() for b in batch_list]
+    if tutorial.status == "FAIL":
+        explained = max_rel(curves["peft-trainer"], [loss * k for loss, k in zip(curves["ours"], scale)])
+        tutorial.status = "info" if explained <= TRAIN_LOSS_REL else "FAIL"
+        tutorial.measured += f"; Trainer loss / ours = predicted scale to {explained:.1e}"
+        tutorial.tolerance = f"the scale explains it to rel <= {TRAIN_LOSS_REL:g}"
+        tutorial.note = (
+            f"PEFT's bias under Trainer: its loss is the per-token mean x {min(scale):.4f}..{max(scale):.4f} (real "
+            "labels / labels[:, 1:]), Trainer's num_items_in_batch missing one token per row once the prompt's labels "
+            "are prepended; the gradient is scaled alike, which AdamW mostly normalises away"
+        )
+    else:
+        tutorial.note = "Trainer counts every label for this model, which with the prompt prepended is the true count"
+    rows.append(tutorial)
+    rows.append(compare("peft-trainer-mean", "PEFT + HF Trainer, model_accepts_loss_kwargs=False (per-token mean)"))
+    return rows, {"curves": curves, "trainer_loss_scale": scale}
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. Generation: greedy, the tutorial's settings, on the tutorial's inputs
+
+
+def new_tokens(output: torch.Tensor, input_length: int, eos_token_id: int) -> list[list[int]]:
+    """Each row's generated ids after the input, up to and including the first eos."""
+    rows = []
+    for row in output[:, input_length:].tolist():
+        rows.append(row[: row.index(eos_token_id) + 1] if eos_token_id in row else row)
+    return rows
+
+
+def first_difference(a: list[list[int]], b: list[list[int]]) -> str:
+    for index, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            at = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+            return f"row {index} differs from token {at}"
+    return "identical"
+
+
+def generation_rows(setup: Setup) -> list[Row]:
+    if not hasattr(SoftPromptModel, "generate"):
+        return [Row("4 generate", "greedy outputs vs PEFT", "skipped: SoftPromptModel has no generate", "-", "info")]
+    tokenizer, args = setup.tokenizer, setup.args
+    # A text-initialised prompt (PEFT's TEXT rows): embeddings the model knows, so outputs vary.
+    ours_model = ours(setup, init="text", init_text=INIT_TEXT, text_fill="repeat")
+    peft_model = peft(setup, weight=ours_model.prompt.weight)
+    settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False, repetition_penalty=1.5,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # Each input alone, then the two sentences as one left-padded batch (how generate pads).
+    cases = [(f"{text!r}", [text]) for text in GENERATION_INPUTS] + [("the 2 sentences, left-padded batch", GENERATION_INPUTS[1:])]
+    rows = []
+    tokenizer.padding_side = "left"
+    try:
+        for name, texts in cases:
+            inputs = tokenizer(texts, return_tensors="pt", padding=True)
+            length = inputs["input_ids"].shape[1]
+            with torch.no_grad():
+                ours_ids = new_tokens(ours_model.generate(**inputs, **settings), length, tokenizer.eos_token_id)
+                peft_ids = new_tokens(peft_model.generate(**inputs, use_cache=False, **settings), length, tokenizer.eos_token_id)
+            details = {"ours": ours_ids, "peft": peft_ids, "ours_text": tokenizer.batch_decode(ours_ids)}
+            rows.append(Row("4 generate", f"{name} vs PEFT use_cache=False",
+                            f"{first_difference(ours_ids, peft_ids)}; {sum(map(len, ours_ids))} tokens, "
+                            f"{len({t for row in ours_ids for t in row})} distinct", "token for token",
+                            status(ours_ids == peft_ids), details=details))
+            # PEFT's cached path: informational (it is PEFT's, and broken on some transformers).
+            try:
+                with torch.no_grad():
+                    cached = new_tokens(peft_model.generate(**inputs, use_cache=True, **settings), length, tokenizer.eos_token_id)
+                measured = first_difference(ours_ids, cached)
+            except Exception as error:  # PEFT's failure is the measurement
+                measured, cached = f"PEFT raised {type(error).__name__}: {str(error).splitlines()[0][:120]}", None
+            rows.append(Row("4 generate", f"{name} vs PEFT use_cache=True (informational)", measured,
+                            "token for token", "pass" if cached == ours_ids else "info", details={"peft": cached}))
+    finally:
+        tokenizer.padding_side = "right"
+    return rows
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Checkpoints: each side loads the other's directory
+
+
+def checkpoint_rows(setup: Setup) -> list[Row]:
+    from peft import PeftModel
+
+    batch = batches(setup)[0]
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        ours_model = ours(setup)
+        with torch.no_grad():
+            ours_model.prompt.weight.add_(0.1)  # a prompt no initialiser gives, so loading is what is tested
+        ours_model.save_pretrained(Path(directory) / "ours")
+        peft_loaded = PeftModel.from_pretrained(load_base(setup.model_dir), Path(directory) / "ours")
+        with torch.no_grad():
+            diff = max_abs_real(ours_model(**batch).logits, peft_loaded(**batch).logits, batch, setup)
+        same = torch.equal(peft_prompt(peft_loaded), ours_model.prompt.weight)
+        rows.append(Row("5 checkpoint", "PEFT loads ours (PeftModel.from_pretrained): prompt and logits",
+                        f"prompt equal: {same}; logits max|diff| {diff:.1e}", f"equal; <= {LOGITS_FP32:g}",
+                        status(same and diff <= LOGITS_FP32)))
+
+        peft_model = peft(setup, weight=ours_model.prompt.weight.detach() * -1)
+        peft_model.save_pretrained(Path(directory) / "peft")
+        ours_loaded = SoftPromptModel.from_pretrained(load_base(setup.model_dir), Path(directory) / "peft")
+        with torch.no_grad():
+            diff = max_abs_real(ours_loaded(**batch).logits, peft_model(**batch).logits, batch, setup)
+        same = torch.equal(ours_loaded.prompt.weight, peft_prompt(peft_model))
+        rows.append(Row("5 checkpoint", "we load PEFT's (SoftPromptModel.from_pretrained): prompt and logits",
+                        f"prompt equal: {same}; logits max|diff| {diff:.1e}", f"equal; <= {LOGITS_FP32:g}",
+                        status(same and diff <= LOGITS_FP32)))
+    return rows
+
+
+# -----------------------------------------------------------------------------------------------
+# The report
+
+
+def markdown(setup: Setup, rows: list[Row], extra: dict) -> str:
+    args = setup.args
+    lines = [
+        f"# Parity with PEFT: {setup.name}",
+        "",
+        f"`{' '.join(extra['command'])}`",
+        "",
+        f"model `{setup.name}`, data `{args.data or 'soft_prompt.tiny.demo_rows'}` (template `{setup.template}`), "
+        f"{args.num_virtual_tokens} virtual tokens, max length {args.max_length}, seed {args.seed}; "
+        f"{extra['environment']}; {extra['seconds']:.0f} s",
+        "",
+        "| # | check | measured | tolerance | result |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        check = row.check + (f" ({row.note})" if row.note else "")
+        lines.append(f"| {row.section} | {check} | {row.measured} | {row.tolerance} | {row.status} |")
+    if "curves" in extra:
+        lines += ["", "Training losses per step:", "", "| step | " + " | ".join(extra["curves"]) + " |",
+                  "| --- |" + " --- |" * len(extra["curves"])]
+        for step, losses in enumerate(zip(*extra["curves"].values()), 1):
+            lines.append(f"| {step} | " + " | ".join(f"{loss:.6f}" for loss in losses) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    started = time.time()
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    with tempfile.TemporaryDirectory() as tiny_dir:
+        if args.model:
+            model_dir, name = args.model, Path(args.model).resolve().name
+        else:
+            from soft_prompt.tiny import save_tiny_model
+
+            model_dir, name = save_tiny_model(tiny_dir, args.tiny), f"tiny-{args.tiny}"
+        setup = make_setup(args, model_dir, name)
+        rows = initialisation_rows(setup) + forward_rows(setup)
+        training, curves = training_rows(setup)
+        rows += training + generation_rows(setup) + checkpoint_rows(setup)
+
+    extra = {
+        "command": ["python", "benchmarks/parity.py", *(argv if argv is not None else sys.argv[1:])],
+        "environment": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"peft {__import__('peft').__version__}, {platform.machine()} CPU x{torch.get_num_threads()}",
+        "seconds": time.time() - started,
+        **curves,
+    }
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"parity-{name}.md").write_text(markdown(setup, rows, extra))
+    report = {"model": name, "args": vars(args), **extra, "rows": [asdict(row) for row in rows]}
+    (output_dir / f"parity-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(markdown(setup, rows, extra))
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a local causal-LM folder; without it a tiny model is built")
+    parser.add_argument("--tiny", choices=("bloom", "gpt2", "llama"), default="bloom", help="the tiny model to build")
+    parser.add_argument("--data", help="ETHOS-shaped (text, label_text) or prompts-shaped (act, prompt) jsonl")
+    parser.add_argument("--output-dir", default=str(RESULTS))
+    parser.add_argument("--num-virtual-tokens", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-2)
+    parser.add_argument("--warmup-steps", type=int, default=0, help="0: Trainer's default, the tutorial's")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(row.status == "FAIL" for row in run()) else 0)

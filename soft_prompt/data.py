@@ -10,7 +10,6 @@ with -100 where no loss is taken; batches are padded on the right to their own l
 
 from __future__ import annotations
 
-import math
 import random
 import string
 from dataclasses import dataclass
@@ -210,7 +209,9 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
 
 def check_template_columns(template: str, rows: list[dict], source: str) -> None:
     """A template field that is not a column of the data is an error naming the columns there are."""
-    columns = list(rows[0]) if rows else []
+    if not rows:
+        raise ValueError(f"{source} has no rows")
+    columns = list(rows[0])
     missing = [name for name in template_fields(template) if name not in columns]
     if missing:
         raise ValueError(
@@ -232,7 +233,7 @@ def label_words_of(template: str, rows: list[dict]) -> list[str] | None:
     """The distinct values of the template's last field, sorted, when few enough to be labels."""
     last = template_fields(template)[-1]
     values = sorted({str(row[last]) for row in rows})
-    return values if len(values) <= MAX_LABEL_WORDS else None
+    return values if 0 < len(values) <= MAX_LABEL_WORDS else None
 
 
 # -- tokenisation -------------------------------------------------------------------------------
@@ -303,7 +304,7 @@ def batch_order(
     epoch's order can be rebuilt on resume. With `group_by_length`, rows are sorted by length
     within windows of 50 batches and the batches shuffled again, so padding shrinks but the order
     stays random."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)  # one stream per (seed, epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
     if group_by_length:
         window = batch_size * GROUP_WINDOW_BATCHES
@@ -332,6 +333,3 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-
-def num_batches(num_rows: int, batch_size: int) -> int:
-    return math.ceil(num_rows / batch_size)

@@ -54,11 +54,15 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>")
 
 
-def build_model(architecture: str, vocab_size: int, seed: int = 0, hidden_size: int = 32) -> PreTrainedModel:
-    """A 2-layer model of `architecture` with random weights (seeded)."""
+def build_model(
+    architecture: str, vocab_size: int, seed: int = 0, hidden_size: int = 32, initializer_range: float = 0.02
+) -> PreTrainedModel:
+    """A 2-layer model of `architecture` with random weights (seeded, std `initializer_range`)."""
     import torch
 
-    common = dict(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    common = dict(
+        vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=1, initializer_range=initializer_range
+    )
     if architecture == "bloom":
         config, cls = BloomConfig(hidden_size=hidden_size, n_layer=2, n_head=4, **common), BloomForCausalLM
     elif architecture == "gpt2":
@@ -75,10 +79,12 @@ def build_model(architecture: str, vocab_size: int, seed: int = 0, hidden_size: 
     return cls(config).eval()
 
 
-def save_tiny_model(directory: str | os.PathLike, architecture: str = "bloom", seed: int = 0) -> str:
+def save_tiny_model(
+    directory: str | os.PathLike, architecture: str = "bloom", seed: int = 0, initializer_range: float = 0.02
+) -> str:
     """Write a tiny model and its tokenizer as a Hugging Face folder; returns the folder."""
     tokenizer = build_tokenizer()
-    model = build_model(architecture, len(tokenizer), seed=seed)
+    model = build_model(architecture, len(tokenizer), seed=seed, initializer_range=initializer_range)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)

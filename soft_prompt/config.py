@@ -1,0 +1,222 @@
+"""Training configuration: dataclasses whose defaults reproduce the tutorial, the task presets, and
+the command line, whose flags map one to one onto the fields (`--batch-size` is `optim.batch_size`).
+
+A run's configuration is resolved in three layers: the dataclass defaults, then the `--task`
+preset, then the flags given on the command line. The result is written to `train_config.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+from .embedding import INIT_STRATEGIES, TEXT_FILLS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULERS = ("linear", "cosine", "constant")
+LOSS_SCOPES = ("all", "completion")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+HATE_INIT_TEXT = "Indicates whether the sentence contains hate speech or not"
+
+
+@dataclass
+class ModelConfig:
+    model: str = field(
+        default="bigscience/bloomz-560m",
+        metadata={"help": "hub name or local folder of a causal LM; tiny-bloom builds a tiny random one (no download)"},
+    )
+    model_dtype: str = field(
+        default="fp32", metadata={"help": "dtype of the frozen weights; the prompt stays fp32", "choices": PRECISIONS}
+    )
+    precision: str = field(
+        default="fp32", metadata={"help": "autocast compute dtype (fp16 adds a GradScaler)", "choices": PRECISIONS}
+    )
+    device: str = field(default="auto", metadata={"help": "auto = cuda, then mps, then cpu", "choices": DEVICES})
+
+
+@dataclass
+class PromptConfig:
+    num_virtual_tokens: int = field(default=20, metadata={"help": "V, the number of virtual tokens"})
+    init: str = field(default="random", metadata={"help": "prompt initialisation", "choices": INIT_STRATEGIES})
+    init_text: str | None = field(default=None, metadata={"help": "text whose embeddings start the prompt (--init text)"})
+    text_fill: str = field(
+        default="pad", metadata={"help": "fill a short --init-text with pad tokens or by repeating it", "choices": TEXT_FILLS}
+    )
+    vocab_size: int | None = field(default=None, metadata={"help": "--init vocab draws ids below this (default 5000)"})
+
+
+@dataclass
+class DataConfig:
+    task: str | None = field(default=None, metadata={"help": "preset: prompts, hate or demo (offline)"})
+    data: str | None = field(default=None, metadata={"help": "hub data set, local folder or .jsonl/.json/.csv/.parquet file"})
+    template: str | None = field(default=None, metadata={"help": "text with {column} fields, e.g. 'Sentence : {text} Label : {label_text}'"})
+    split: str = field(default="train", metadata={"help": "split of a hub data set (or folder) to train on"})
+    eval_data: str | None = field(default=None, metadata={"help": "evaluation data: hub name, folder or file"})
+    eval_split: str | None = field(default=None, metadata={"help": "split of --eval-data, or of hub --data when no --eval-data"})
+    val_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of the training rows for evaluation instead"})
+    loss_on: str = field(
+        default="all", metadata={"help": "loss on every text token, or only from the template's last field on", "choices": LOSS_SCOPES}
+    )
+    max_length: int = field(default=256, metadata={"help": "tokens per row, eos included; longer rows are cut"})
+    group_by_length: bool = field(default=False, metadata={"help": "batch rows of similar length to cut padding"})
+    label_words: list[str] | None = field(
+        default=None,
+        metadata={"help": "label words recorded for classification (default: the preset's, or the last field's values when at most 20)"},
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=3e-2, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    scheduler: str = field(default="linear", metadata={"help": "decay after warmup", "choices": SCHEDULERS})
+    warmup_steps: int = field(default=0, metadata={"help": "optimizer steps of linear warmup from 0"})
+    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the prompt's gradient norm to this (0: no clipping)"})
+    epochs: int = field(default=5, metadata={"help": "passes over the training rows"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps instead (0: use --epochs)"})
+    max_bad_steps: int = field(default=25, metadata={"help": "stop after this many skipped (non-finite) steps in a row"})
+
+
+@dataclass
+class RunConfig:
+    output_dir: str | None = field(default=None, metadata={"help": "run folder: last/, best/, metrics (default runs/<task>)"})
+    seed: int = field(default=42, metadata={"help": "seeds python, numpy, torch, the prompt and the data order"})
+    save_every: int = field(default=100, metadata={"help": "save last/ every this many steps (0: only at the end)"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps (0: at each epoch's end)"})
+    log_every: int = field(default=1, metadata={"help": "write a metrics.jsonl line every this many steps"})
+    resume: str | None = field(default=None, metadata={"help": "continue the run saved in this folder (or its last/)"})
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The tutorial's two experiments and the offline demo: the fields each preset sets. Flags win.
+TASKS: dict[str, dict] = {
+    "prompts": {
+        "data": "fka/awesome-chatgpt-prompts",
+        "template": "Act as a {act}. Prompt: {prompt}",
+        "init": "random",
+    },
+    "hate": {
+        "data": "SetFit/ethos_binary",
+        "template": "Sentence : {text} Label : {label_text}",
+        "init": "text",
+        "init_text": HATE_INIT_TEXT,
+        "label_words": ["hate speech", "no hate speech"],
+        "eval_split": "test",
+    },
+    # A tiny BLOOM and ETHOS-shaped rows, generated into the run folder: nothing is downloaded.
+    "demo": {
+        "model": "tiny-bloom",
+        "template": "Sentence : {text} Label : {label_text}",
+        "init": "text",
+        "init_text": HATE_INIT_TEXT,
+        "label_words": ["hate speech", "no hate speech"],
+        "loss_on": "completion",
+        "val_fraction": 0.25,
+        "epochs": 3,
+        "save_every": 20,
+    },
+}
+
+
+def config_fields(config: TrainConfig) -> dict[str, tuple[object, str]]:
+    """Every leaf field by its name (unique across groups): name -> (group object, name)."""
+    leaves = {}
+    for group in dataclasses.fields(config):
+        section = getattr(config, group.name)
+        for leaf in dataclasses.fields(section):
+            leaves[leaf.name] = (section, leaf.name)
+    return leaves
+
+
+def resolve_config(overrides: dict) -> TrainConfig:
+    """Defaults, then the preset of `overrides["task"]`, then `overrides` (field name -> value)."""
+    config = TrainConfig()
+    leaves = config_fields(config)
+    task = overrides.get("task")
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}, or pass --data and --template")
+    for name, value in {**TASKS.get(task, {}), **overrides}.items():
+        if name not in leaves:
+            raise ValueError(f"unknown configuration field {name!r}")
+        section, leaf = leaves[name]
+        setattr(section, leaf, value)
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """A one-line `ValueError` for an impossible setting, before anything is loaded."""
+    prompt, data, optim, run = config.prompt, config.data, config.optim, config.run
+    if prompt.num_virtual_tokens < 1:
+        raise ValueError(f"--num-virtual-tokens must be at least 1, got {prompt.num_virtual_tokens}")
+    if data.data is None and data.task != "demo":
+        raise ValueError("no training data: pass --task prompts|hate|demo, or --data FILE_OR_HUB_NAME and --template")
+    if data.template is None:
+        raise ValueError("no template: pass --template with {column} fields, e.g. 'Sentence : {text} Label : {label_text}'")
+    if prompt.init == "text" and not prompt.init_text:
+        raise ValueError("--init text needs --init-text")
+    if not 0.0 <= data.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {data.val_fraction}")
+    if data.max_length < 2:
+        raise ValueError(f"--max-length must be at least 2 (a token and eos), got {data.max_length}")
+    at_least_one = {"batch_size": optim.batch_size, "grad_accum": optim.grad_accum, "epochs": optim.epochs,
+                    "max_bad_steps": optim.max_bad_steps, "log_every": run.log_every}
+    not_negative = {"warmup_steps": optim.warmup_steps, "max_steps": optim.max_steps, "weight_decay": optim.weight_decay,
+                    "max_grad_norm": optim.max_grad_norm, "save_every": run.save_every, "eval_every": run.eval_every}
+    for name, value in at_least_one.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name, value in not_negative.items():
+        if value < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if optim.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {optim.lr}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags end with one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per configuration field. Defaults stay out of the namespace (SUPPRESS) so that
+    only the flags actually given override the preset; `--help` shows every default."""
+    parser = OneLineParser(
+        prog="train.py", description="Train a soft prompt for a frozen causal LM.", argument_default=argparse.SUPPRESS
+    )
+    config = TrainConfig()
+    for group in dataclasses.fields(config):
+        section = getattr(config, group.name)
+        arguments = parser.add_argument_group(group.name)
+        for leaf in dataclasses.fields(section):
+            flag = "--" + leaf.name.replace("_", "-")
+            help_text = f"{leaf.metadata['help']} (default: {getattr(section, leaf.name)})"
+            if leaf.type == "bool":
+                arguments.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            elif leaf.type == "list[str] | None":
+                arguments.add_argument(flag, nargs="+", metavar="WORDS", help=help_text)
+            else:
+                kind = {"int": int, "int | None": int, "float": float}.get(leaf.type, str)
+                arguments.add_argument(flag, type=kind, choices=leaf.metadata.get("choices"), help=help_text)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    """The flags given on the command line, as {field name: value} for `resolve_config`."""
+    return vars(build_parser().parse_args(argv))

@@ -1,0 +1,32 @@
+"""Train a soft prompt: `python train.py --task hate` (see README, "Training", for every flag).
+
+Only the command line lives here; the loop is `soft_prompt.training.train`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from soft_prompt.config import parse_args, resolve_config
+from soft_prompt.training import TrainingDiverged, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 training diverged, 2 bad input (one line), 130 stopped by Ctrl-C."""
+    overrides = parse_args(argv)  # bad flags exit here with code 2
+    try:
+        summary = train(resolve_config(overrides))
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"train.py: stopped: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one saves last/ and returns normally
+        print("train.py: aborted", file=sys.stderr)
+        return 130
+    return 130 if summary["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

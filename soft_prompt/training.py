@@ -117,24 +117,30 @@ def load_base_model(name: str, model_dtype: str, device: torch.device):
     return model.to(device), tokenizer
 
 
-def load_data(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Example], list[str] | None]:
-    """(train examples, eval examples, label words), with a line saying how many rows survived."""
+def load_data_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows): loaded before the model, so that bad data fails fast."""
     data = config.data
     train_rows = load_rows(data.data, data.split)
     check_template_columns(data.template, train_rows, data.data)
     if data.val_fraction > 0:
-        train_rows, eval_rows = split_validation(train_rows, data.val_fraction, config.run.seed)
-    elif data.eval_data is not None:
+        return split_validation(train_rows, data.val_fraction, config.run.seed)
+    if data.eval_data is not None:
         eval_rows = load_rows(data.eval_data, data.eval_split or data.split)
         check_template_columns(data.template, eval_rows, data.eval_data)
-    elif data.eval_split is not None and not Path(data.data).is_file():
-        eval_rows = load_rows(data.data, data.eval_split)
-    else:
-        if data.eval_split is not None:
-            print(f"note: --eval-split applies to hub data, not to the file {data.data}: pass --eval-data FILE "
-                  "or --val-fraction to evaluate", file=sys.stderr)
-        eval_rows = []
-    label_words = data.label_words or label_words_of(data.template, train_rows)
+        return train_rows, eval_rows
+    if data.eval_split is not None:
+        if not Path(data.data).is_file():
+            return train_rows, load_rows(data.data, data.eval_split)
+        print(f"note: --eval-split applies to hub data, not to the file {data.data}: pass --eval-data FILE "
+              "or --val-fraction to evaluate", file=sys.stderr)
+    return train_rows, []
+
+
+def tokenize_data(
+    config: TrainConfig, tokenizer, train_rows: list[dict], eval_rows: list[dict]
+) -> tuple[list[Example], list[Example]]:
+    """(train examples, eval examples), with a line saying how many rows survived."""
+    data = config.data
     train, stats = tokenize_rows(tokenizer, data.template, train_rows, data.max_length, data.loss_on)
     evaluation, eval_stats = tokenize_rows(tokenizer, data.template, eval_rows, data.max_length, data.loss_on)
     if not train:
@@ -148,20 +154,22 @@ def load_data(config: TrainConfig, tokenizer) -> tuple[list[Example], list[Examp
         f"{eval_stats.dropped} dropped)",
         file=sys.stderr,
     )
-    return train, evaluation, label_words
+    return train, evaluation
 
 
 def lr_at(step: int, lr: float, scheduler: str, warmup_steps: int, total_steps: int) -> float:
     """The learning rate of optimizer step `step` (0-based): linear warmup from 0, then linear,
-    cosine or no decay, the same numbers as transformers' get_*_schedule_with_warmup."""
+    cosine or no decay; the same floats as transformers' get_*_schedule_with_warmup."""
     if step < warmup_steps:
-        return lr * step / max(1, warmup_steps)
-    if scheduler == "constant":
-        return lr
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if scheduler == "cosine":
-        return lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return lr * max(0.0, 1.0 - progress)
+        factor = step / max(1, warmup_steps)
+    elif scheduler == "constant":
+        factor = 1.0
+    elif scheduler == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        factor = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    else:
+        factor = max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return lr * factor
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -333,11 +341,12 @@ def train(config: TrainConfig) -> dict:
         )
 
     seed_everything(run.seed)
+    train_rows, eval_rows = load_data_rows(config)
+    label_words = data_cfg.label_words = data_cfg.label_words or label_words_of(data_cfg.template, train_rows)
     device = pick_device(model_cfg.device)
     model_cfg.device = device.type
     base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, device)
-    train_examples, eval_examples, label_words = load_data(config, tokenizer)
-    data_cfg.label_words = label_words
+    train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
     write_atomic(output_dir / "train_config.json", json_bytes(config.to_dict()))
 
     # The model: the frozen LM with the prompt, the only trainable parameter ([V, D], fp32).

@@ -1,0 +1,136 @@
+"""Data: loading, tokenisation (eos, truncation, loss scope), padding and batch order."""
+
+import json
+
+import pytest
+
+from soft_prompt.data import (
+    IGNORE_INDEX,
+    Example,
+    batch_order,
+    check_template_columns,
+    collate,
+    label_words_of,
+    load_rows,
+    split_validation,
+    tokenize_row,
+    tokenize_rows,
+)
+from soft_prompt.tiny import build_tokenizer
+
+HATE = "Sentence : {text} Label : {label_text}"
+ROW = {"text": "the cat is lovely", "label": 0, "label_text": "no hate speech"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def test_row_is_the_whole_text_tokenised_plus_eos(tokenizer):
+    example, truncated = tokenize_row(tokenizer, HATE, ROW, max_length=256, loss_on="all")
+    whole = tokenizer("Sentence : the cat is lovely Label : no hate speech")["input_ids"]
+    assert example.input_ids == whole + [tokenizer.eos_token_id]
+    assert example.labels == example.input_ids
+    assert truncated is False
+
+
+def test_completion_loss_labels_exactly_the_label_tokens_and_eos(tokenizer):
+    example, _ = tokenize_row(tokenizer, HATE, ROW, max_length=256, loss_on="completion")
+    label_ids = tokenizer(" no hate speech", add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer("Sentence : the cat is lovely Label :")["input_ids"]
+    assert example.labels == [IGNORE_INDEX] * len(prompt_ids) + label_ids + [tokenizer.eos_token_id]
+    assert example.input_ids == prompt_ids + label_ids + [tokenizer.eos_token_id]
+
+
+def test_truncation_keeps_eos_last_and_is_counted(tokenizer):
+    example, truncated = tokenize_row(tokenizer, HATE, ROW, max_length=4, loss_on="all")
+    whole = tokenizer("Sentence : the cat is lovely Label : no hate speech")["input_ids"]
+    assert example.input_ids == whole[:3] + [tokenizer.eos_token_id]
+    assert truncated is True
+    rows = [ROW, {**ROW, "text": "x"}, {**ROW, "text": None}, {**ROW, "label_text": ""}]
+    # 22 and 20 text tokens, + eos: only the first row is longer than 22
+    examples, stats = tokenize_rows(tokenizer, HATE, rows, max_length=22, loss_on="all")
+    assert (stats.rows, stats.truncated, stats.dropped, len(examples)) == (4, 1, 2, 2)
+
+
+def test_completion_rows_cut_before_their_label_are_dropped(tokenizer):
+    # At 4 tokens the label is cut off: only the eos would be labelled, which teaches nothing.
+    examples, stats = tokenize_rows(tokenizer, HATE, [ROW], max_length=4, loss_on="completion")
+    assert (examples, stats.truncated, stats.dropped) == ([], 1, 1)
+
+
+def test_collate_pads_right_to_the_longest_row():
+    batch = collate([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch():
+    lengths = list(range(1, 22))
+    first = batch_order(lengths, 4, seed=1, epoch=0)
+    assert [len(batch) for batch in first] == [4, 4, 4, 4, 4, 1]
+    assert sorted(i for batch in first for i in batch) == list(range(21))
+    assert batch_order(lengths, 4, seed=1, epoch=0) == first
+    assert batch_order(lengths, 4, seed=1, epoch=1) != first
+    assert batch_order(lengths, 4, seed=2, epoch=0) != first
+
+
+def test_group_by_length_cuts_padding():
+    lengths = [1, 50] * 16
+
+    def padding(batches):
+        return sum(len(batch) * max(lengths[i] for i in batch) - sum(lengths[i] for i in batch) for batch in batches)
+
+    grouped = batch_order(lengths, 4, seed=0, epoch=0, group_by_length=True)
+    assert sorted(i for batch in grouped for i in batch) == list(range(32))
+    assert padding(grouped) == 0
+    assert padding(batch_order(lengths, 4, seed=0, epoch=0)) > 0
+
+
+def test_local_files_load_through_datasets(tmp_path):
+    rows = [{"text": "a b", "label_text": "x"}, {"text": "c", "label_text": "y"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "d.csv").write_text("text,label_text\na b,x\nc,y\n")
+    assert load_rows(str(tmp_path / "d.jsonl")) == rows
+    assert load_rows(str(tmp_path / "d.csv")) == rows
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
+        load_rows(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "d.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not .jsonl, .json, .csv or .parquet"):
+        load_rows(str(tmp_path / "d.txt"))
+
+
+def test_unreachable_hub_data_says_to_pass_a_local_file():
+    with pytest.raises(ValueError, match="could not load data set 'nobody/nothing'.*pass a local"):
+        load_rows("nobody/nothing")
+
+
+def test_template_columns_are_checked():
+    with pytest.raises(ValueError, match=r"template field \{label_text\} is not a column of d.jsonl \(its columns: text, label\)"):
+        check_template_columns(HATE, [{"text": "a", "label": 0}], "d.jsonl")
+    with pytest.raises(ValueError, match="d.jsonl has no rows"):
+        check_template_columns(HATE, [], "d.jsonl")
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    rows = [{"i": i} for i in range(20)]
+    train, held_out = split_validation(rows, 0.25, seed=3)
+    assert (len(train), len(held_out)) == (15, 5)
+    assert sorted(row["i"] for row in train + held_out) == list(range(20))
+    assert split_validation(rows, 0.25, seed=3) == (train, held_out)
+    assert split_validation(rows, 0.0, seed=3) == (rows, [])
+
+
+def test_label_words_are_the_last_fields_values_when_few():
+    rows = [{"text": str(i), "label_text": ["no", "yes"][i % 2]} for i in range(30)]
+    assert label_words_of(HATE, rows) == ["no", "yes"]
+    assert label_words_of("{label_text}: {text}", rows) is None  # 30 distinct texts: not labels
+
+
+def test_eos_is_required():
+    tokenizer = build_tokenizer()
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="no eos token"):
+        tokenize_rows(tokenizer, HATE, [ROW], 16)

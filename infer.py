@@ -1,0 +1,65 @@
+"""Generate with, or classify by label scoring with, a trained soft prompt.
+
+    python infer.py --model bigscience/bloomz-560m --checkpoint runs/hate/best --input "Sentence : ... Label :"
+    python infer.py --model M --checkpoint DIR --classify --eval test.jsonl
+
+Errors are one line on stderr and exit code 2. The work is in soft_prompt/inference.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="the frozen base model: hub id or folder")
+    parser.add_argument("--checkpoint", required=True, help="a soft-prompt (or PEFT prompt-tuning) checkpoint directory")
+    parser.add_argument("--input", action="append", help="a text; repeat for several")
+    parser.add_argument("--input-file", help=".txt (one input a line) or .jsonl (objects with the template's fields, "
+                        "or 'input'/'text' for generation)")
+    parser.add_argument("--output", help="write one JSON row per input here (.jsonl)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--strict", action="store_true", help="refuse a checkpoint recorded for another base model")
+    parser.add_argument("--compare-base", action="store_true", help="also show the base model's output without the prompt")
+    parser.add_argument("--seed", type=int, help="seed for sampling")
+
+    generation = parser.add_argument_group("generation (defaults as the tutorial: greedy)")
+    generation.add_argument("--max-new-tokens", type=int, default=50)
+    generation.add_argument("--repetition-penalty", type=float, default=1.5)
+    generation.add_argument("--num-beams", type=int, default=1)
+    generation.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    generation.add_argument("--temperature", type=float, default=1.0)
+    generation.add_argument("--top-k", type=int, default=0, help="0: no top-k filtering")
+    generation.add_argument("--top-p", type=float, default=1.0)
+
+    classification = parser.add_argument_group("classification by label scoring")
+    classification.add_argument("--classify", action="store_true", help="pick the label word the model scores highest")
+    classification.add_argument("--labels", nargs="+", help="label words (default: the checkpoint's)")
+    classification.add_argument("--template", help="default: the checkpoint's, e.g. 'Sentence : {text} Label : {label_text}'")
+    classification.add_argument("--eval", help="a labelled .jsonl (the template's fields): accuracy, macro-F1, confusion "
+                                "matrix, tuned and base; implies --classify")
+    classification.add_argument("--metrics", default="eval_metrics.json", help="where --eval writes its figures as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    from soft_prompt.checkpoint import CheckpointError
+    from soft_prompt.inference import InferenceError, run
+
+    try:
+        run(options)
+    except (CheckpointError, InferenceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""infer.py: generation and evaluation end to end (subprocesses), metrics by hand, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import infer
+from soft_prompt import SoftPromptModel
+from soft_prompt.inference import evaluate, generate_texts, load_model
+from soft_prompt.tiny import build_model, demo_rows, save_tiny_model
+from tests.conftest import load
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = "Sentence : {text} Label : {label_text}"
+LABELS = ["no hate speech", "hate speech"]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(bloom_dir, tmp_path_factory) -> str:
+    model, _ = load(bloom_dir)
+    directory = tmp_path_factory.mktemp("ckpt") / "prompt"
+    SoftPromptModel(model, num_virtual_tokens=4, seed=0).save_pretrained(directory, template=TEMPLATE, label_words=LABELS)
+    return str(directory)
+
+
+def cli(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_generation_writes_tuned_and_base_outputs(bloom_dir, checkpoint, tmp_path):
+    inputs = ["Act as a fitness Trainer. Prompt: ", "the cat is lovely"]
+    result = cli("--model", bloom_dir, "--checkpoint", checkpoint, "--input", inputs[0], "--input", inputs[1],
+                 "--max-new-tokens", "6", "--compare-base", "--output", "out.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    model = load_model(bloom_dir, checkpoint)
+    options = dict(max_new_tokens=6, repetition_penalty=1.5, num_beams=1, do_sample=False)
+    assert rows == [
+        {"input": text, "output": tuned, "base_output": base}
+        for text, tuned, base in zip(inputs, generate_texts(model, inputs, **options),
+                                     generate_texts(model, inputs, use_prompt=False, **options))
+    ]
+    assert f"input:  {inputs[1]}" in result.stdout and f"base:   {rows[1]['base_output']}" in result.stdout
+
+
+def test_eval_prints_the_table_and_writes_metrics_for_tuned_and_base(bloom_dir, checkpoint, tmp_path):
+    rows = demo_rows(6)
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = cli("--model", bloom_dir, "--checkpoint", checkpoint, "--eval", "eval.jsonl", "--output", "pred.jsonl",
+                 "--metrics", "metrics.json", "--batch-size", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    model = load_model(bloom_dir, checkpoint)
+    tuned, tuned_scores = model.classify(rows, LABELS)
+    base, _ = model.classify(rows, LABELS, use_prompt=False)
+    gold = [row["label_text"] for row in rows]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics == {"tuned (soft prompt)": evaluate(gold, tuned, LABELS), "base (no prompt)": evaluate(gold, base, LABELS)}
+    predictions = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in predictions] == tuned and [p["label"] for p in predictions] == gold
+    torch.testing.assert_close(torch.tensor([list(p["scores"].values()) for p in predictions]), tuned_scores)
+    table = result.stdout.splitlines()
+    for name, figures in metrics.items():
+        row = next(line for line in table if line.startswith(name))
+        assert row.split()[-2:] == [f"{figures['accuracy']:.3f}", f"{figures['macro_f1']:.3f}"]
+        assert f"confusion, {name} (rows: gold label, columns: predicted)" in table
+
+
+def test_metrics_by_hand():
+    gold = ["a", "a", "a", "b", "b", "c"]
+    predicted = ["a", "a", "b", "b", "a", "b"]
+    metrics = evaluate(gold, predicted, ["a", "b", "c"])
+    assert metrics["confusion"] == [[2, 1, 0], [1, 1, 0], [0, 1, 0]]
+    assert metrics["accuracy"] == 3 / 6
+    # a: tp 2, fp 1, fn 1 -> 4/6; b: tp 1, fp 2, fn 1 -> 2/5; c: tp 0 -> 0
+    assert metrics["f1"] == pytest.approx({"a": 4 / 6, "b": 2 / 5, "c": 0.0})
+    assert metrics["macro_f1"] == pytest.approx((4 / 6 + 2 / 5) / 3)
+
+
+def test_an_error_is_one_line_and_exit_code_2(bloom_dir, tmp_path):
+    result = cli("--model", bloom_dir, "--checkpoint", str(tmp_path / "missing"), "--input", "hi", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: checkpoint directory {tmp_path / 'missing'} does not exist"
+    assert "Traceback" not in result.stderr
+
+
+def run_main(capsys, *args):
+    code = infer.main(list(args))
+    return code, capsys.readouterr().err.strip().splitlines()[-1] if code else ""
+
+
+def test_bad_checkpoints_and_inputs_exit_2(bloom_dir, checkpoint, tmp_path, capsys):
+    base = ("--model", bloom_dir, "--input", "hi")
+    wide = tmp_path / "wide"  # a prompt for a model with another embedding size
+    SoftPromptModel(build_model("bloom", 400, hidden_size=48), num_virtual_tokens=2, seed=0).save_pretrained(wide)
+    code, message = run_main(capsys, *base, "--checkpoint", str(wide))
+    assert code == 2 and "embedding size 48 but the model has 32" in message
+
+    corrupt = tmp_path / "corrupt"
+    SoftPromptModel(load(bloom_dir)[0], num_virtual_tokens=2, seed=0).save_pretrained(corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    code, message = run_main(capsys, *base, "--checkpoint", str(corrupt))
+    assert code == 2 and "truncated or corrupt" in message
+
+    code, message = run_main(capsys, "--model", bloom_dir, "--checkpoint", checkpoint, "--input", "  ")
+    assert code == 2 and message.startswith("error: empty input")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    code, message = run_main(capsys, "--model", bloom_dir, "--checkpoint", checkpoint, "--input-file", str(tmp_path / "empty.txt"))
+    assert code == 2 and message.startswith("error: empty input")
+
+
+def test_a_checkpoint_for_another_base_model_warns_or_fails_with_strict(checkpoint, tmp_path, capsys):
+    other = save_tiny_model(tmp_path / "other-model", "bloom")  # same sizes, another name
+    args = ("--model", other, "--checkpoint", checkpoint, "--input", "hi", "--max-new-tokens", "2")
+    with pytest.warns(UserWarning, match="was trained on .*bloom.*, not .*other-model"):
+        assert infer.main(list(args)) == 0
+    code, message = run_main(capsys, *args, "--strict")
+    assert code == 2 and "(--strict)" in message
+
+
+def test_long_inputs_keep_their_end_with_a_warning(model_dir, tmp_path):
+    model, _ = load(model_dir)
+    SoftPromptModel(model, num_virtual_tokens=4, seed=0).save_pretrained(tmp_path / "ckpt")
+    wrapper = load_model(model_dir, str(tmp_path / "ckpt"))
+    if wrapper.context_length is None:
+        pytest.skip("ALiBi (BLOOM) has no context limit")
+    long_text = " ".join(["the cat is lovely"] * 200)
+    with pytest.warns(UserWarning, match="keeping its last"):
+        output = generate_texts(wrapper, [long_text], max_new_tokens=3)
+    kept = wrapper.tokenizer(long_text)["input_ids"][-(wrapper.context_length - 4 - 3) :]
+    new_tokens = wrapper.generate(torch.tensor([kept]), max_new_tokens=3)[0, len(kept) :]
+    assert output == [wrapper.tokenizer.decode(new_tokens, skip_special_tokens=True)]

@@ -57,10 +57,12 @@ GENERATION_INPUTS = [
 EXACT = 0.0
 LOGITS_FP32 = 1e-5  # max |logit difference|
 LOGITS_BF16 = 1e-2  # max |logit difference|: a few bf16 ulps of logits of size ~1-10
-LOSS_FP32 = 1e-6  # |loss difference| / loss
+LOSS_FP32 = 1e-5  # |loss difference| / loss: our chunked head sums a 49k-way softmax in other order
 LOSS_BF16 = 1e-2  # |loss difference| / loss
 TRAIN_LOSS_REL = 1e-5  # max over steps of |loss difference| / loss
-TRAIN_PROMPT_ABS = 1e-4  # max |final prompt difference|, prompt entries are ~N(0, 1)
+# |final prompt difference| / |how far training moved the prompt| (Frobenius norms): AdamW turns a
+# gradient entry near its eps into a step of size ~lr either way, so max |diff| alone says little.
+TRAIN_UPDATE_REL = 1e-3
 
 
 @dataclass
@@ -387,8 +389,9 @@ def training_rows(setup: Setup) -> tuple[list[Row], dict]:
     batch_list = batches(setup)
     ours_model = ours(setup)
     start = ours_model.prompt.weight.detach().clone()
+    final = {"start": start}
     curves = {"ours": train_ours(ours_model, batch_list, args)}
-    final = {"ours": ours_model.prompt.weight.detach()}
+    final["ours"] = ours_model.prompt.weight.detach()
 
     peft_model = peft(setup, weight=start)
     curves["peft-loop"] = train_peft_plain(peft_model, batch_list, args)
@@ -404,26 +407,29 @@ def training_rows(setup: Setup) -> tuple[list[Row], dict]:
     def compare(side: str, check: str, note: str = "") -> Row:
         loss_rel = max_rel(curves["ours"], curves[side])
         prompt_diff = max_abs(final["ours"], final[side])
-        ok = loss_rel <= TRAIN_LOSS_REL and prompt_diff <= TRAIN_PROMPT_ABS
-        return Row("3 train", f"{check}: {setting}", f"losses max rel {loss_rel:.1e}; final prompt max|diff| {prompt_diff:.1e}",
-                   f"rel <= {TRAIN_LOSS_REL:g}; |diff| <= {TRAIN_PROMPT_ABS:g}", status(ok), note)
+        update_rel = ((final["ours"] - final[side]).norm() / (final["ours"] - final["start"]).norm()).item()
+        ok = loss_rel <= TRAIN_LOSS_REL and update_rel <= TRAIN_UPDATE_REL
+        return Row("3 train", f"{check}: {setting}",
+                   f"losses max rel {loss_rel:.1e}; final prompt max|diff| {prompt_diff:.1e}, |diff| / |update| {update_rel:.1e}",
+                   f"losses rel <= {TRAIN_LOSS_REL:g}; |diff| / |update| <= {TRAIN_UPDATE_REL:g}", status(ok), note)
 
     rows.append(compare("peft-loop", "PEFT in a plain loop"))
     tutorial = compare("peft-trainer", "PEFT + HF Trainer (tutorial defaults)")
     # Trainer counts the labels over labels[:, 1:] when it knows the model's loss as the shifting
     # causal-LM loss (BLOOM, Llama; not GPT2LMHeadModel). PEFT has prepended the prompt's -100s by
     # then, so every real label is a target: the summed loss is divided by one token per row too
-    # few. Predict that scale per batch and check that it explains Trainer's losses exactly.
+    # few. Predict that scale per batch and check that it explains Trainer's first loss (same
+    # prompt on both sides; later steps also carry the scaled updates' effect).
     scale = [(b["labels"] != -100).sum().item() / (b["labels"][:, 1:] != -100).sum().item() for b in batch_list]
     if tutorial.status == "FAIL":
-        explained = max_rel(curves["peft-trainer"], [loss * k for loss, k in zip(curves["ours"], scale)])
+        explained = abs(curves["peft-trainer"][0] / (curves["ours"][0] * scale[0]) - 1)
         tutorial.status = "info" if explained <= TRAIN_LOSS_REL else "FAIL"
-        tutorial.measured += f"; Trainer loss / ours = predicted scale to {explained:.1e}"
-        tutorial.tolerance = f"the scale explains it to rel <= {TRAIN_LOSS_REL:g}"
+        tutorial.measured += f"; first loss Trainer / ours = predicted scale to {explained:.1e}"
+        tutorial.tolerance = f"the scale explains the first loss to rel <= {TRAIN_LOSS_REL:g}"
         tutorial.note = (
             f"PEFT's bias under Trainer: its loss is the per-token mean x {min(scale):.4f}..{max(scale):.4f} (real "
             "labels / labels[:, 1:]), Trainer's num_items_in_batch missing one token per row once the prompt's labels "
-            "are prepended; the gradient is scaled alike, which AdamW mostly normalises away"
+            "are prepended; the gradient is scaled alike, which AdamW mostly normalises away; the clip to 1.0 does not"
         )
     else:
         tutorial.note = "Trainer counts every label for this model, which with the prompt prepended is the true count"
@@ -461,31 +467,59 @@ def generation_rows(setup: Setup) -> list[Row]:
     peft_model = peft(setup, weight=ours_model.prompt.weight)
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=False, repetition_penalty=1.5,
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    # Each input alone, then the two sentences as one left-padded batch (how generate pads).
-    cases = [(f"{text!r}", [text]) for text in GENERATION_INPUTS] + [("the 2 sentences, left-padded batch", GENERATION_INPUTS[1:])]
+
+    def generate(model, texts: list[str], **kwargs) -> list[list[int]]:
+        inputs = tokenizer(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            output = model.generate(**inputs, **settings, **kwargs)
+        return new_tokens(output, inputs["input_ids"].shape[1], tokenizer.eos_token_id)
+
+    def peft_cached(texts: list[str]) -> tuple[list[list[int]] | None, str]:
+        """PEFT's cached path, informational: it is PEFT's, and broken on some transformers."""
+        try:
+            return generate(peft_model, texts, use_cache=True), ""
+        except Exception as error:  # PEFT's failure is the measurement
+            return None, f"PEFT raised {type(error).__name__}: {str(error).splitlines()[0][:120]}"
+
     rows = []
-    tokenizer.padding_side = "left"
+    tokenizer.padding_side = "left"  # for the batch; a single input has no padding
     try:
-        for name, texts in cases:
-            inputs = tokenizer(texts, return_tensors="pt", padding=True)
-            length = inputs["input_ids"].shape[1]
-            with torch.no_grad():
-                ours_ids = new_tokens(ours_model.generate(**inputs, **settings), length, tokenizer.eos_token_id)
-                peft_ids = new_tokens(peft_model.generate(**inputs, use_cache=False, **settings), length, tokenizer.eos_token_id)
-            details = {"ours": ours_ids, "peft": peft_ids, "ours_text": tokenizer.batch_decode(ours_ids)}
-            rows.append(Row("4 generate", f"{name} vs PEFT use_cache=False",
-                            f"{first_difference(ours_ids, peft_ids)}; {sum(map(len, ours_ids))} tokens, "
-                            f"{len({t for row in ours_ids for t in row})} distinct", "token for token",
-                            status(ours_ids == peft_ids), details=details))
-            # PEFT's cached path: informational (it is PEFT's, and broken on some transformers).
-            try:
-                with torch.no_grad():
-                    cached = new_tokens(peft_model.generate(**inputs, use_cache=True, **settings), length, tokenizer.eos_token_id)
-                measured = first_difference(ours_ids, cached)
-            except Exception as error:  # PEFT's failure is the measurement
-                measured, cached = f"PEFT raised {type(error).__name__}: {str(error).splitlines()[0][:120]}", None
-            rows.append(Row("4 generate", f"{name} vs PEFT use_cache=True (informational)", measured,
-                            "token for token", "pass" if cached == ours_ids else "info", details={"peft": cached}))
+        alone = {}
+        for text in GENERATION_INPUTS:
+            # Both our paths: the soft prompt's cached keys/values (default) and the frozen
+            # model's own generate() on [P][x].
+            ours_ids, plain_ids = generate(ours_model, [text]), generate(ours_model, [text], prefix_cache=False)
+            peft_ids = alone[text] = generate(peft_model, [text], use_cache=False)
+            rows.append(Row("4 generate", f"{text!r}: ours (prefix cache on / off) vs PEFT use_cache=False",
+                            f"{first_difference(ours_ids, peft_ids)} / {first_difference(plain_ids, peft_ids)}; "
+                            f"{len(ours_ids[0])} tokens, {len(set(ours_ids[0]))} distinct", "token for token",
+                            status(ours_ids == plain_ids == peft_ids),
+                            details={"ours": ours_ids, "ours_prefix_cache_off": plain_ids, "peft": peft_ids,
+                                     "ours_text": tokenizer.batch_decode(ours_ids)}))
+            cached, error = peft_cached([text])
+            rows.append(Row("4 generate", f"{text!r}: PEFT use_cache=True vs ours (informational)",
+                            error or first_difference(ours_ids, cached), "token for token",
+                            "pass" if cached == ours_ids else "info", details={"peft": cached}))
+
+        # The two sentences as one left-padded batch: each row must get what it gets alone.
+        texts = GENERATION_INPUTS[1:]
+        expected = [alone[text][0] for text in texts]
+        ours_ids, plain_ids = generate(ours_model, texts), generate(ours_model, texts, prefix_cache=False)
+        rows.append(Row("4 generate", "the 2 sentences, left-padded batch: ours (prefix cache on / off) vs PEFT "
+                        "use_cache=False one at a time", f"{first_difference(ours_ids, expected)} / "
+                        f"{first_difference(plain_ids, expected)}", "token for token",
+                        status(ours_ids == plain_ids == expected), details={"ours": ours_ids, "ours_prefix_cache_off": plain_ids}))
+        peft_ids = generate(peft_model, texts, use_cache=False)
+        rows.append(Row("4 generate", "the same batch: PEFT use_cache=False vs ours", first_difference(ours_ids, peft_ids),
+                        "token for token", "pass" if peft_ids == ours_ids else "info",
+                        "" if peft_ids == ours_ids else "PEFT puts the prompt before the padding, [P][pad][x], and drops "
+                        "position ids, so a model that numbers positions itself (GPT-2) counts the padding: the padded "
+                        "row is not what it gets alone",
+                        details={"peft": peft_ids}))
+        cached, error = peft_cached(texts)
+        rows.append(Row("4 generate", "the same batch: PEFT use_cache=True vs ours (informational)",
+                        error or first_difference(ours_ids, cached), "token for token",
+                        "pass" if cached == ours_ids else "info", details={"peft": cached}))
     finally:
         tokenizer.padding_side = "right"
     return rows
@@ -544,8 +578,8 @@ def markdown(setup: Setup, rows: list[Row], extra: dict) -> str:
         "| --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        check = row.check + (f" ({row.note})" if row.note else "")
-        lines.append(f"| {row.section} | {check} | {row.measured} | {row.tolerance} | {row.status} |")
+        cells = [row.section, row.check + (f" ({row.note})" if row.note else ""), row.measured, row.tolerance, row.status]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")  # |x| is not a column
     if "curves" in extra:
         lines += ["", "Training losses per step:", "", "| step | " + " | ".join(extra["curves"]) + " |",
                   "| --- |" + " --- |" * len(extra["curves"])]

@@ -43,7 +43,7 @@ class PromptConfig:
     text_fill: str = field(
         default="pad", metadata={"help": "fill a short --init-text with pad tokens or by repeating it", "choices": TEXT_FILLS}
     )
-    vocab_size: int | None = field(default=None, metadata={"help": "--init vocab draws ids below this (default 5000)"})
+    vocab_size: int | None = field(default=None, metadata={"help": "--init vocab draws ids below this; unset means 5000"})
 
 
 @dataclass

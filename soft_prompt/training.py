@@ -216,7 +216,8 @@ def training_state_files(state: dict, optimizer: torch.optim.Optimizer, scaler: 
 
 
 def restore_training_state(directory: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> dict:
-    """Load what `training_state_files` wrote into the optimizer, scaler and RNGs; returns the JSON."""
+    """Load what `training_state_files` wrote into the optimizer, scaler and RNGs; returns the
+    loop's own state (step, data position, counters)."""
     state = json.loads((directory / STATE_JSON).read_text())
     tensors = load_file(directory / STATE_TENSORS)
     optimizer_state = optimizer.state_dict()
@@ -238,7 +239,7 @@ def restore_training_state(directory: Path, optimizer: torch.optim.Optimizer, sc
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["rng_numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    return state
+    return {key: value for key, value in state.items() if key not in ("scaler", "rng_python", "rng_numpy")}
 
 
 def find_resume_dir(path: str) -> Path:
@@ -325,7 +326,8 @@ def train(config: TrainConfig) -> dict:
     # Where the run lives, and what it resumes from.
     resume_dir = find_resume_dir(run.resume) if run.resume else None
     if run.output_dir is None:
-        run.output_dir = str(resume_dir.parent if resume_dir and resume_dir.name == "last" else Path("runs") / (data_cfg.task or "custom"))
+        resumed_run = resume_dir.parent if resume_dir and resume_dir.name == "last" else None
+        run.output_dir = str(resumed_run or Path("runs") / (data_cfg.task or "custom"))
     output_dir = Path(run.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output-dir {output_dir} is a file: choose a folder")
@@ -379,9 +381,7 @@ def train(config: TrainConfig) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled="fp16" in (model_cfg.precision, model_cfg.model_dtype))
 
     def autocast():
-        return torch.autocast(
-            device.type, dtype=DTYPES[model_cfg.precision], enabled=model_cfg.precision != "fp32"
-        )
+        return torch.autocast(device.type, dtype=DTYPES[model_cfg.precision], enabled=model_cfg.precision != "fp32")
 
     # The schedule of optimizer steps: each takes `grad_accum` micro-batches of the epoch's order.
     lengths = [len(example.input_ids) for example in train_examples]
@@ -405,10 +405,9 @@ def train(config: TrainConfig) -> dict:
     metrics_path = output_dir / "metrics.jsonl"
     if resume_dir:
         state.update(restore_training_state(resume_dir, optimizer, scaler))
-        for key in ("scaler", "rng_python", "rng_numpy"):
-            del state[key]
         # Drop metrics the interrupted run logged after the step it saved: they will be redone.
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= state["step"]] if metrics_path.is_file() else []
+        logged = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+        kept = [line for line in logged if json.loads(line)["step"] <= state["step"]]
         write_atomic(metrics_path, "".join(line + "\n" for line in kept).encode())
         print(f"resuming {resume_dir} at step {state['step']} of {total_steps}", file=sys.stderr)
     else:

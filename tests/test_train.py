@@ -38,7 +38,7 @@ def args(model: str, data: str, output_dir, *extra: str) -> list[str]:
     return [
         "--model", model, "--data", data, "--template", HATE, "--output-dir", str(output_dir),
         "--batch-size", "4", "--grad-accum", "2", "--epochs", "2", "--val-fraction", "0.25",
-        "--seed", "1", "--save-every", "2", "--eval-every", "3", "--warmup-steps", "2", *extra,
+        "--seed", "1", "--save-every", "2", "--eval-every", "3", "--warmup-steps", "2", "--group-by-length", *extra,
     ]  # fmt: skip
 
 

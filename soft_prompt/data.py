@@ -23,12 +23,6 @@ DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parque
 GROUP_WINDOW_BATCHES = 50
 # A last field with at most this many distinct values is taken to hold label words.
 MAX_LABEL_WORDS = 20
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
-
-IGNORE_INDEX = -100
 
 
 def template_fields(template: str) -> list[str]:
@@ -73,112 +67,7 @@ def split_template(template: str, row: dict) -> tuple[str, str]:
 
 
 
-# -- loading -------------------------------------------------------------------------------------
-
-FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def load_rows(data: str, split: str = "train") -> list[dict]:
-    """Rows from a local .jsonl/.json/.csv/.parquet file or a hub data set, through `datasets`."""
-    import datasets
-
-    path = Path(data)
-    if path.suffix in FILE_FORMATS or path.exists():  # a local file; anything else is a hub name
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {data} does not exist")
-        if path.suffix not in FILE_FORMATS:
-            raise ValueError(f"data file {data}: use one of {', '.join(FILE_FORMATS)}")
-        return datasets.load_dataset(FILE_FORMATS[path.suffix], data_files=str(path), split="train").to_list()
-    try:
-        return datasets.load_dataset(data, split=split).to_list()
-    except Exception as error:  # datasets raises many types for an unreachable or unknown hub name
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"could not load data set {data!r} split {split!r} ({first_line}); without hub access pass a local "
-            ".jsonl/.json/.csv/.parquet file with --data"
-        ) from None
-
-
-def check_fields(template: str, rows: list[dict], source: str) -> None:
-    """Every field of the template must be a column of the data."""
-    if not rows:
-        raise ValueError(f"{source} has no rows")
-    missing = [name for name in template_fields(template) if name not in rows[0]]
-    if missing:
-        raise ValueError(
-            f"template field(s) {', '.join(missing)} not in {source} (columns: {', '.join(rows[0])}); fix --template"
-        )
-
-
-# -- tokenisation and batching -----------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX where no loss is taken
-
-
-def tokenize_rows(
-    tokenizer, template: str, rows: list[dict], loss_on: str = "all", max_length: int = 256
-) -> tuple[list[Example], int, int]:
-    """Examples for training: `(examples, num_truncated, num_dropped)`.
-
-    Each row is `prompt + completion + eos` (see `split_template`); the prompt is tokenised with the
-    tokenizer's special tokens (a BOS where the model wants one), the completion without. With
-    `loss_on="completion"` only the completion's tokens (and eos) carry labels. Rows longer than
-    `max_length` tokens are cut at the end; rows left with no labelled token are dropped.
-    """
-    if loss_on not in ("all", "completion"):
-        raise ValueError(f"loss_on must be 'all' or 'completion', got {loss_on!r}")
-    examples, num_truncated, num_dropped = [], 0, 0
-    for row in rows:
-        prompt, completion = split_template(template, row)
-        prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        input_ids = prompt_ids + completion_ids
-        labels = (prompt_ids if loss_on == "all" else [IGNORE_INDEX] * len(prompt_ids)) + completion_ids
-        if len(input_ids) > max_length:
-            input_ids, labels, num_truncated = input_ids[:max_length], labels[:max_length], num_truncated + 1
-        if all(label == IGNORE_INDEX for label in labels):
-            num_dropped += 1
-            continue
-        examples.append(Example(input_ids, labels))
-    return examples, num_truncated, num_dropped
-
-
-def batch_order(lengths: list[int], batch_size: int, seed: int, group_by_length: bool = False) -> list[list[int]]:
-    """The batches of one epoch as lists of example indices, a pure function of `seed`.
-
-    With `group_by_length`, shuffled indices are cut into mega-batches of 50 batches, each sorted by
-    length, so a batch holds rows of similar length (less padding); the batches are then shuffled.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    if group_by_length:
-        mega = batch_size * 50
-        order = [i for start in range(0, len(order), mega) for i in sorted(order[start : start + mega], key=lambda i: -lengths[i])]
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-    if group_by_length:
-        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    return batches
-
-
-def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch to its longest row: `input_ids`, `attention_mask`, `labels`, each `[B, T]`."""
-    length = max(len(example.input_ids) for example in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, example in enumerate(examples):
-        size = len(example.input_ids)
-        input_ids[row, :size] = torch.tensor(example.input_ids)
-        labels[row, :size] = torch.tensor(example.labels)
-        attention_mask[row, :size] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-# -- loading ------------------------------------------------------------------------------------
+# -- loading -----------------------------------------------------------------------------------
 
 
 def load_rows(source: str, split: str = "train") -> list[dict]:

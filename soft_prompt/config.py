@@ -33,6 +33,15 @@ class ModelConfig:
         default="fp32", metadata={"help": "autocast compute dtype (fp16 adds a GradScaler)", "choices": PRECISIONS}
     )
     device: str = field(default="auto", metadata={"help": "auto = cuda, then mps, then cpu", "choices": DEVICES})
+    attention: str = field(
+        default="eager",
+        metadata={"help": "BLOOM only: sdpa runs its ALiBi attention through scaled_dot_product_attention (equal to round-off)",
+                  "choices": ("eager", "sdpa")},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute the frozen model's activations in the backward: less memory for long rows, more time"}
+    )
+    compile: bool = field(default=False, metadata={"help": "torch.compile the frozen decoder (dynamic shapes; the first steps pay for compiling)"})
 
 
 @dataclass

@@ -43,6 +43,7 @@ from .data import (
     split_validation,
     tokenize_rows,
 )
+from .bloom_sdpa import use_sdpa_attention
 from .model import SoftPromptModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,6 +116,19 @@ def load_base_model(name: str, model_dtype: str, device: torch.device):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out and never labelled
     return model.to(device), tokenizer
+
+
+def apply_speed_options(base_model, model_cfg) -> None:
+    """--attention sdpa (BLOOM), --gradient-checkpointing and --compile on the frozen model."""
+    if model_cfg.attention == "sdpa" and use_sdpa_attention(base_model) == 0:
+        raise ValueError(
+            f"--attention sdpa is for BLOOM; {type(base_model).__name__} picks its own attention kernel: drop the flag"
+        )
+    if model_cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing: the frozen weights need no grad, only the prompt's path does.
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if model_cfg.compile:
+        base_model.get_decoder().compile(dynamic=True)  # both loss() and forward() run through the decoder
 
 
 def load_data_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -348,6 +362,7 @@ def train(config: TrainConfig) -> dict:
     device = pick_device(model_cfg.device)
     model_cfg.device = device.type
     base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, device)
+    apply_speed_options(base_model, model_cfg)
     train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
     write_atomic(output_dir / "train_config.json", json_bytes(config.to_dict()))
 

@@ -1,0 +1,36 @@
+"""The speed harnesses run end to end on a tiny model and report every side with its ratio."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def run(script, tmp_path, *arguments):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--output-dir", str(tmp_path), *arguments],
+                   check=True, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_bench_train_reports_ours_and_both_peft_sides(tmp_path):
+    run("bench_train.py", tmp_path, "--rows", "16", "--num-virtual-tokens", "4")
+    results = json.loads((tmp_path / "train-tiny-bloom-fp32.json").read_text())["results"]
+    assert list(results) == ["ours", "peft-trainer", "peft-loop"]
+    for figures in results.values():
+        assert figures["seconds_per_epoch"] > 0 and figures["peak_memory_mib"] > 0
+    # Same init, rows and schedule: the mean train loss of ours and PEFT's plain loop agree closely.
+    assert abs(results["ours"]["final_train_loss"] / results["peft-loop"]["final_train_loss"] - 1) < 0.05
+    assert "| peft-trainer |" in (tmp_path / "train-tiny-bloom-fp32.md").read_text()
+
+
+def test_bench_infer_generation_agrees_with_peft_uncached(tmp_path):
+    run("bench_infer.py", tmp_path, "--rows", "8", "--max-new-tokens", "4", "--num-virtual-tokens", "4")
+    report = json.loads((tmp_path / "infer-tiny-llama.json").read_text())
+    by_side = {(row["batch"], row["side"]): row for row in report["generation"]}
+    for batch in (1, 16):
+        assert by_side[(batch, "ours (no prefix cache)")]["same_tokens_as_ours"]
+        assert by_side[(batch, "PEFT use_cache=False")]["same_tokens_as_ours"]
+    sides = [row["side"] for row in report["classification"]]
+    assert sides == ["ours classify()", "PEFT generate(max_new_tokens=3)"]
+    assert report["classification"][0]["not_a_label"] == 0.0

@@ -10,9 +10,11 @@ Each row is a measured figure against a stated tolerance:
     FAIL   we do not: a bug (the script exits 1)
     info   a documented difference (or PEFT's own breakage); its check says what was verified
 
-Sections: 1 initialisation, 2 forward, 3 training, 4 generation, 5 checkpoints. Every model is
-loaded fresh for each side, so no side sees another's state; dropout is switched off everywhere
-(p=0) so that training is deterministic and compares implementations, not random masks.
+Sections: 1 initialisation, 2 forward, 3 training (the shipped loop, soft_prompt.training.train()),
+4 generation, 5 checkpoints. Every model is loaded fresh for each side, so no side sees another's
+state. Every side, train() included, loads the model from a copy of its folder whose config sets
+every dropout to 0, so that training is deterministic and compares implementations, not random
+masks (train() and Trainer put the model in train mode).
 """
 
 from __future__ import annotations
@@ -37,9 +39,14 @@ from torch import nn  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
+from safetensors.torch import load_file  # noqa: E402
+
 from soft_prompt import SoftPromptModel  # noqa: E402
-from soft_prompt.data import fill_template  # noqa: E402
+from soft_prompt.checkpoint import PROMPT_KEY, WEIGHTS_NAME  # noqa: E402
+from soft_prompt.config import resolve_config  # noqa: E402
+from soft_prompt.data import Example, batch_order, collate, fill_template  # noqa: E402
 from soft_prompt.embedding import text_init_ids  # noqa: E402
+from soft_prompt.training import load_data_rows, tokenize_data, train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 HATE_TEMPLATE = "Sentence : {text} Label : {label_text}"
@@ -89,21 +96,40 @@ class Setup:
     model_dir: str
     name: str
     tokenizer: object
+    rows: list[dict]  # the data rows (row 3 writes them for train())
     examples: list[list[int]]  # tokenised training texts, each at most max_length ids
     template: str
     args: argparse.Namespace
 
 
+def without_dropout(model_dir: str, directory: Path) -> str:
+    """`model_dir`, or where its config sets a dropout, a copy in `directory` whose config sets
+    every one to 0 (the other files linked): train() loads the model itself, so the folder it is
+    given must be dropout-free (see the module docstring)."""
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    rates = {name: value for name, value in config.to_dict().items()
+             if ("dropout" in name or "pdrop" in name) and isinstance(value, float) and value}  # fmt: skip
+    if not rates:
+        return model_dir
+    directory.mkdir()
+    for path in Path(model_dir).resolve().iterdir():
+        if path.name != "config.json":
+            (directory / path.name).symlink_to(path)
+    for name in rates:
+        setattr(config, name, 0.0)
+    config.save_pretrained(directory)
+    return str(directory)
+
+
 def load_base(model_dir: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A fresh copy of the frozen model, eval mode, dropout off (see the module docstring)."""
+    """A fresh copy of the frozen model, eval mode; checked to have no dropout left."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-    # Attention dropout that is a float, not a module (GPT-2 keeps a module, Llama a float).
-    for module in model.modules():
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+    # nn.Dropout's p, and rates kept as floats (Llama's attention_dropout, BLOOM's hidden_dropout).
+    active = [f"{name}.{attribute}" for name, module in model.named_modules() for attribute, value in vars(module).items()
+              if (attribute == "p" if isinstance(module, nn.Dropout) else "dropout" in attribute)
+              and isinstance(value, float) and value]  # fmt: skip
+    if active:
+        raise ValueError(f"{model_dir}: dropout left after zeroing the config's rates: {', '.join(active[:5])}")
     return model
 
 
@@ -139,7 +165,7 @@ def make_setup(args: argparse.Namespace, model_dir: str, name: str) -> Setup:
         tokenizer(fill_template(template, row), truncation=True, max_length=args.max_length)["input_ids"]
         for row in rows
     ]
-    return Setup(model_dir, name, tokenizer, examples, template, args)
+    return Setup(model_dir, name, tokenizer, rows, examples, template, args)
 
 
 def batches(setup: Setup) -> list[dict[str, torch.Tensor]]:
@@ -296,18 +322,62 @@ def forward_rows(setup: Setup) -> list[Row]:
 
 
 # -----------------------------------------------------------------------------------------------
-# 3. Training: the same AdamW steps on the same batches with the same schedule
+# 3. Training: the shipped loop, soft_prompt.training.train(), against PEFT on the same batches
 
 
-def train_plain(params: list[torch.Tensor], loss_fn, batch_list, args) -> list[float]:
-    """One AdamW step per batch as Trainer takes it: forward, backward, clip to 1.0 (Trainer's
-    max_grad_norm), step, schedule. AdamW as Trainer builds it: betas 0.9/0.999, eps 1e-8 and no
-    weight decay (torch's own default would add 0.01); Trainer's linear schedule (warmup from 0)."""
+def shipped_config(setup: Setup, data_path: Path, output_dir: Path):
+    """The train() configuration of row 3: the script's rows, model and optimiser settings, one
+    micro-batch per step (so no averaging over accumulation), every step logged, fp32 on the CPU."""
+    args = setup.args
+    return resolve_config({
+        "model": setup.model_dir, "data": str(data_path), "template": setup.template, "max_length": args.max_length,
+        "num_virtual_tokens": args.num_virtual_tokens, "init": "random", "seed": args.seed,
+        "batch_size": args.batch_size, "grad_accum": 1, "max_steps": args.steps, "lr": args.lr,
+        "warmup_steps": args.warmup_steps, "scheduler": "linear", "weight_decay": 0.0, "max_grad_norm": 1.0,
+        "device": "cpu", "model_dtype": "fp32", "precision": "fp32", "log_every": 1, "save_every": 0,
+        "output_dir": str(output_dir),
+    })  # fmt: skip
+
+
+def shipped_batches(setup: Setup, config) -> list[list[Example]]:
+    """The micro-batches train() takes, in its order: its own rows and tokenisation
+    (load_data_rows, tokenize_data), then data.batch_order for epoch 0, 1, ... until `steps`."""
+    examples, _ = tokenize_data(config, setup.tokenizer, *load_data_rows(config))
+    lengths = [len(example.input_ids) for example in examples]
+    order: list[list[int]] = []
+    for epoch in range(setup.args.steps):  # at least one batch per epoch
+        order += batch_order(lengths, config.optim.batch_size, config.run.seed, epoch, config.data.group_by_length)
+        if len(order) >= setup.args.steps:
+            break
+    return [[examples[i] for i in indices] for indices in order[: setup.args.steps]]
+
+
+def train_shipped(setup: Setup, directory: Path) -> tuple[list[float], torch.Tensor, list[list[Example]]]:
+    """Run train() on the script's rows written as jsonl; returns its per-step losses
+    (metrics.jsonl), its final prompt (last/adapter_model.safetensors) and its batches, rebuilt."""
+    data_path = directory / "rows.jsonl"
+    data_path.write_text("".join(json.dumps(row) + "\n" for row in setup.rows))
+    run_dir = directory / "run"
+    train(shipped_config(setup, data_path, run_dir))
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [line["loss"] for line in lines if "loss" in line]
+    assert [line["step"] for line in lines if "loss" in line] == list(range(1, setup.args.steps + 1)), lines
+    final = load_file(run_dir / "last" / WEIGHTS_NAME)[PROMPT_KEY]
+    return losses, final, shipped_batches(setup, shipped_config(setup, data_path, run_dir))
+
+
+def train_peft_plain(model, batch_list: list[list[Example]], setup: Setup) -> list[float]:
+    """PEFT in a plain loop, one AdamW step per batch as Trainer takes it: forward, backward, clip
+    to 1.0 (Trainer's max_grad_norm), step, schedule. AdamW as Trainer builds it: betas
+    0.9/0.999, eps 1e-8 and no weight decay (torch's own default would add 0.01); Trainer's linear
+    schedule (warmup from 0)."""
+    args, params = setup.args, [peft_prompt(model)]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, eps=1e-8)
     schedule = transformers.get_linear_schedule_with_warmup(optimizer, args.warmup_steps, args.steps)
+    model.train()  # as train() and Trainer do; the folder's dropout is 0, so this changes nothing
     losses = []
-    for batch in batch_list:
-        loss = loss_fn(batch)
+    for examples in batch_list:
+        loss = model(**collate(examples, setup.tokenizer.pad_token_id)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -317,20 +387,10 @@ def train_plain(params: list[torch.Tensor], loss_fn, batch_list, args) -> list[f
     return losses
 
 
-def train_ours(model: SoftPromptModel, batch_list, args) -> list[float]:
-    # Our side: a plain loop on the chunked model.loss, as a training loop uses it. This is the
-    # one place to switch to soft_prompt.training's step once it ships one.
-    return train_plain([model.prompt.weight], lambda batch: model.loss(**batch), batch_list, args)
-
-
-def train_peft_plain(model, batch_list, args) -> list[float]:
-    return train_plain([peft_prompt(model)], lambda batch: model(**batch).loss, batch_list, args)
-
-
-def train_peft_trainer(model, setup: Setup, per_token_mean: bool) -> list[float]:
-    """PEFT driven by HF Trainer as the tutorial does: DataCollatorForLanguageModeling(mlm=False),
-    default optimizer (fused AdamW), linear schedule, clip 1.0; only the shuffling is off (a
-    sequential sampler) so that it sees our batches in our order.
+def train_peft_trainer(model, batch_list: list[list[Example]], setup: Setup, per_token_mean: bool) -> list[float]:
+    """PEFT driven by HF Trainer as the tutorial does: default optimizer (fused AdamW), linear
+    schedule, clip 1.0; only the data is ours, fed in our order: each dataset item is one of
+    train()'s batches (per-device batch 1, a sequential sampler), padded by data.collate.
 
     Returns the loss of each step as Trainer computed it. By default Trainer passes the model a
     `num_items_in_batch` (the labels it counts), and the model divides its summed loss by that
@@ -351,13 +411,12 @@ def train_peft_trainer(model, setup: Setup, per_token_mean: bool) -> list[float]
             losses.append(loss.item())
             return loss
 
-    examples = [setup.examples[i % len(setup.examples)] for i in range(args.steps * args.batch_size)]
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = InOrderTrainer(
             model=model,
             args=TrainingArguments(
                 output_dir=output_dir,
-                per_device_train_batch_size=args.batch_size,
+                per_device_train_batch_size=1,  # one item = one whole batch
                 max_steps=args.steps,
                 learning_rate=args.lr,
                 weight_decay=0.0,
@@ -371,8 +430,8 @@ def train_peft_trainer(model, setup: Setup, per_token_mean: bool) -> list[float]
                 logging_strategy="no",
                 disable_tqdm=True,
             ),
-            train_dataset=[{"input_ids": ids} for ids in examples],
-            data_collator=DataCollatorForLanguageModeling(setup.tokenizer, mlm=False),
+            train_dataset=batch_list,
+            data_collator=lambda items: collate(items[0], setup.tokenizer.pad_token_id),
         )
         if per_token_mean:
             trainer.model_accepts_loss_kwargs = False
@@ -381,27 +440,28 @@ def train_peft_trainer(model, setup: Setup, per_token_mean: bool) -> list[float]
 
 
 def max_rel(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
 
 
 def training_rows(setup: Setup) -> tuple[list[Row], dict]:
     args = setup.args
-    batch_list = batches(setup)
-    ours_model = ours(setup)
-    start = ours_model.prompt.weight.detach().clone()
-    final = {"start": start}
-    curves = {"ours": train_ours(ours_model, batch_list, args)}
-    final["ours"] = ours_model.prompt.weight.detach()
+    # train()'s starting prompt: init "random" with its seed, as ours() builds it (row 1: == PEFT's).
+    start = ours(setup).prompt.weight.detach().clone()
+    with tempfile.TemporaryDirectory() as directory:
+        ours_losses, ours_final, batch_list = train_shipped(setup, Path(directory))
+    curves, final = {"ours": ours_losses}, {"start": start, "ours": ours_final}
 
     peft_model = peft(setup, weight=start)
-    curves["peft-loop"] = train_peft_plain(peft_model, batch_list, args)
+    curves["peft-loop"] = train_peft_plain(peft_model, batch_list, setup)
     final["peft-loop"] = peft_prompt(peft_model).detach().clone()
     for side, per_token_mean in (("peft-trainer", False), ("peft-trainer-mean", True)):
         peft_model = peft(setup, weight=start)
-        curves[side] = train_peft_trainer(peft_model, setup, per_token_mean)
+        curves[side] = train_peft_trainer(peft_model, batch_list, setup, per_token_mean)
         final[side] = peft_prompt(peft_model).detach().clone()
 
-    setting = f"{args.steps} steps, batch {args.batch_size}, lr {args.lr:g}, warmup {args.warmup_steps}"
+    sizes = sorted({len(examples) for examples in batch_list})
+    setting = (f"{args.steps} steps of train()'s batches (data.batch_order, seed {args.seed}; "
+               f"{'/'.join(map(str, sizes))} rows each), lr {args.lr:g}, warmup {args.warmup_steps}, clip 1.0")
     rows = []
 
     def compare(side: str, check: str, note: str = "") -> Row:
@@ -413,14 +473,15 @@ def training_rows(setup: Setup) -> tuple[list[Row], dict]:
                    f"losses max rel {loss_rel:.1e}; final prompt max|diff| {prompt_diff:.1e}, |diff| / |update| {update_rel:.1e}",
                    f"losses rel <= {TRAIN_LOSS_REL:g}; |diff| / |update| <= {TRAIN_UPDATE_REL:g}", status(ok), note)
 
-    rows.append(compare("peft-loop", "PEFT in a plain loop"))
-    tutorial = compare("peft-trainer", "PEFT + HF Trainer (tutorial defaults)")
+    rows.append(compare("peft-loop", "ours = soft_prompt.training.train() vs PEFT in a plain loop"))
+    tutorial = compare("peft-trainer", "train() vs PEFT + HF Trainer (tutorial defaults)")
     # Trainer counts the labels over labels[:, 1:] when it knows the model's loss as the shifting
     # causal-LM loss (BLOOM, Llama; not GPT2LMHeadModel). PEFT has prepended the prompt's -100s by
     # then, so every real label is a target: the summed loss is divided by one token per row too
     # few. Predict that scale per batch and check that it explains Trainer's first loss (same
     # prompt on both sides; later steps also carry the scaled updates' effect).
-    scale = [(b["labels"] != -100).sum().item() / (b["labels"][:, 1:] != -100).sum().item() for b in batch_list]
+    labels = [collate(examples, setup.tokenizer.pad_token_id)["labels"] for examples in batch_list]
+    scale = [(b != -100).sum().item() / (b[:, 1:] != -100).sum().item() for b in labels]
     if tutorial.status == "FAIL":
         explained = abs(curves["peft-trainer"][0] / (curves["ours"][0] * scale[0]) - 1)
         tutorial.status = "info" if explained <= TRAIN_LOSS_REL else "FAIL"
@@ -434,7 +495,7 @@ def training_rows(setup: Setup) -> tuple[list[Row], dict]:
     else:
         tutorial.note = "Trainer counts every label for this model, which with the prompt prepended is the true count"
     rows.append(tutorial)
-    rows.append(compare("peft-trainer-mean", "PEFT + HF Trainer, model_accepts_loss_kwargs=False (per-token mean)"))
+    rows.append(compare("peft-trainer-mean", "train() vs PEFT + HF Trainer, model_accepts_loss_kwargs=False (per-token mean)"))
     return rows, {"curves": curves, "trainer_loss_scale": scale}
 
 
@@ -592,13 +653,14 @@ def run(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     started = time.time()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    with tempfile.TemporaryDirectory() as tiny_dir:
+    with tempfile.TemporaryDirectory() as scratch:
         if args.model:
             model_dir, name = args.model, Path(args.model).resolve().name
         else:
             from soft_prompt.tiny import save_tiny_model
 
-            model_dir, name = save_tiny_model(tiny_dir, args.tiny), f"tiny-{args.tiny}"
+            model_dir, name = save_tiny_model(Path(scratch) / "model", args.tiny), f"tiny-{args.tiny}"
+        model_dir = without_dropout(model_dir, Path(scratch) / "no-dropout")
         setup = make_setup(args, model_dir, name)
         rows = initialisation_rows(setup) + forward_rows(setup)
         training, curves = training_rows(setup)

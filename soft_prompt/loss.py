@@ -20,12 +20,14 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk_rows):
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # Softmax in fp32 at least (fp64 stays fp64, so an fp64 model gives an exact reference).
+        softmax_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        loss = torch.zeros((), dtype=softmax_dtype, device=hidden.device)
         needs_grad = ctx.needs_input_grad[0]
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = torch.nn.functional.linear(hidden[rows], weight, bias).float()  # [n, vocab]
+            logits = torch.nn.functional.linear(hidden[rows], weight, bias).to(softmax_dtype)  # [n, vocab]
             log_normaliser = logits.logsumexp(dim=-1)  # [n]
             target_logits = logits.gather(1, targets[rows, None]).squeeze(1)
             loss += (log_normaliser - target_logits).sum()

@@ -59,3 +59,19 @@ def test_bf16_autocast_is_close_to_fp32(bloom):
 def test_a_trainable_head_is_refused():
     with pytest.raises(ValueError, match="frozen LM head"):
         frozen_head_cross_entropy(torch.randn(2, 4), torch.nn.Linear(4, 5), torch.tensor([0, 1]))
+
+
+def test_fp64_equals_the_exact_cross_entropy(bloom):
+    # An fp64 model is an exact reference: HF's own loss casts logits to fp32, this one must not.
+    model, tokenizer = bloom
+    wrapper = SoftPromptModel(model.double(), num_virtual_tokens=3, seed=0)
+    inputs = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    logits = wrapper(**inputs).logits[:, 2:-1]  # positions V-1 .. V+T-2 predict the T text tokens
+    exact = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    (exact_grad,) = torch.autograd.grad(exact, wrapper.prompt.weight)
+    ours = wrapper.loss(**inputs, labels=labels)
+    (our_grad,) = torch.autograd.grad(ours, wrapper.prompt.weight)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, exact, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(our_grad, exact_grad, rtol=1e-9, atol=1e-12)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -27,7 +26,7 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 HATE_TEMPLATE = "Sentence : {text} Label : {label_text}"
 PROMPTS_TEMPLATE = "Act as a {act}. Prompt: {prompt}"
-SIDES = ("ours", "peft-trainer", "peft-loop")
+SIDES = ("ours", "ours-checkpointed", "peft-trainer", "peft-loop")
 
 
 class PeakMemory:
@@ -104,7 +103,7 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
         dataset = Dataset.from_dict({"input_ids": token_rows})
         trainer = Trainer(model=peft_model, args=training_args, train_dataset=dataset, data_collator=collator)
         trainer.train()
-        return {"losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]}
+        return {"prompt": peft_model.prompt_encoder["default"].embedding.weight.detach().cpu()}
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peft_model.to(device).train()
@@ -117,7 +116,6 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
     schedule = get_linear_schedule_with_warmup(optimizer, 0, args.epochs * len(loader))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     scaler = torch.amp.GradScaler(device, enabled=args.precision == "fp16")
-    losses = []
     for _ in range(args.epochs):
         for batch in loader:
             batch = {key: value.to(device) for key, value in batch.items()}
@@ -130,12 +128,14 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
             scaler.update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    return {"losses": losses}
+    return {"prompt": peft_model.prompt_encoder["default"].embedding.weight.detach().cpu()}
 
 
 def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
-    """The shipped loop (`soft_prompt.training.train`), with length-grouped batches."""
+    """The shipped loop (`soft_prompt.training.train`) with length-grouped batches; the
+    `ours-checkpointed` side adds gradient checkpointing (activation memory for time)."""
+    from safetensors.torch import load_file
+
     from soft_prompt.config import resolve_config
     from soft_prompt.training import train
 
@@ -146,13 +146,31 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
         "num_virtual_tokens": args.num_virtual_tokens, "lr": args.lr, "batch_size": args.batch_size,
         "epochs": args.epochs, "max_length": args.max_length, "precision": args.precision,
         "model_dtype": args.precision if args.ours_model_dtype else "fp32", "group_by_length": True,
+        "gradient_checkpointing": args.side == "ours-checkpointed",
         "seed": args.seed, "save_every": 0, "output_dir": tempfile.mkdtemp(), "label_words": [],
     })
-    losses = []
-    summary = train(config)
-    with open(Path(config.run.output_dir) / "metrics.jsonl") as f:
-        losses = [record["loss"] for record in map(json.loads, f) if "loss" in record]
-    return {"losses": losses, "final_train_loss": summary["train_loss"]}
+    train(config)
+    return {"prompt": load_file(Path(config.run.output_dir) / "last" / "adapter_model.safetensors")["prompt_embeddings"]}
+
+
+@torch.no_grad()
+def final_loss(model_dir: str, prompt: torch.Tensor, tokenizer, token_rows: list[list[int]], batch_size: int) -> float:
+    """The trained prompt's loss per token over all the training rows, the same way for every side
+    (the frozen model's own loss, fp32, eval mode): what each side's training reached."""
+    from transformers import AutoModelForCausalLM
+
+    from soft_prompt import SoftPromptModel
+    from soft_prompt.training import Example, collate
+
+    model = SoftPromptModel(AutoModelForCausalLM.from_pretrained(model_dir).eval(), num_virtual_tokens=prompt.shape[0], seed=0)
+    model.prompt.weight.copy_(prompt)
+    total, count = 0.0, 0
+    for start in range(0, len(token_rows), batch_size):
+        batch = collate([Example(ids, ids) for ids in token_rows[start : start + batch_size]], tokenizer.pad_token_id)
+        tokens = int((batch["labels"] != -100).sum())
+        total += model(**batch).loss.item() * tokens
+        count += tokens
+    return total / count
 
 
 def run_side(args) -> dict:
@@ -161,30 +179,27 @@ def run_side(args) -> dict:
 
     model_dir = args.model or build_tiny_model()
     rows, template = load_rows(args.data, args.rows)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    token_rows = tokenised_rows(tokenizer, rows, template, args.max_length)
     with PeakMemory() as memory:
         start = time.perf_counter()
-        if args.side == "ours":
+        if args.side.startswith("ours"):
             result = run_ours(args, model_dir, rows, template)
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
             model = AutoModelForCausalLM.from_pretrained(model_dir)
-            token_rows = tokenised_rows(tokenizer, rows, template, args.max_length)
             result = run_peft(args, model, tokenizer, token_rows, use_trainer=args.side == "peft-trainer")
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    real_tokens = args.epochs * sum(len(ids) for ids in tokenised_rows(tokenizer, rows, template, args.max_length))
-    last_epoch = result["losses"][-math.ceil(len(rows) / args.batch_size) :]
     return {
         "side": args.side,
         "seconds_per_epoch": seconds / args.epochs,
-        "tokens_per_second": real_tokens / seconds,
+        "tokens_per_second": args.epochs * sum(len(ids) for ids in token_rows) / seconds,
         "peak_memory_mib": memory.peak / 2**20,
         "training_memory_mib": memory.extra / 2**20,
-        "final_train_loss": result.get("final_train_loss", sum(last_epoch) / len(last_epoch)),
+        "final_train_loss": final_loss(model_dir, result["prompt"], tokenizer, token_rows, args.batch_size),
     }
 
 
@@ -225,33 +240,39 @@ def main() -> None:
 
 
 def write_report(args, results: dict, command: str) -> None:
-    ours = results["ours"]
+    """The figures per side, then each of our sides against each PEFT side (ratio < 1: ours less)."""
+    name = f"train-{Path(args.model).name if args.model else 'tiny-bloom'}-{args.precision}"
     lines = [
-        f"# Training: ours vs PEFT ({Path(args.model).name if args.model else 'tiny-bloom'}, {args.precision})",
+        f"# Training: ours vs PEFT ({name[len('train-'):]})",
         "",
         f"`{command}`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}; "
-        f"{versions()}",
+        f"{versions()}. Time and memory run from before the model is loaded to the end of training; "
+        "memory is CUDA max allocated, or the process's peak RSS on CPU; the loss is each side's trained "
+        "prompt scored the same way on all the rows (the frozen model's own loss, fp32).",
         "",
-        "| side | s/epoch | tokens/s | peak memory (MiB) | training memory (MiB) | final train loss "
-        "| time ours/side | peak ours/side | training memory ours/side | loss ours/side |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| side | s/epoch | tokens/s | peak memory (MiB) | rise above start (MiB) | loss after training |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for side, figures in results.items():
         lines.append(
             f"| {side} | {figures['seconds_per_epoch']:.2f} | {figures['tokens_per_second']:.0f} | "
-            f"{figures['peak_memory_mib']:.0f} | {figures['training_memory_mib']:.0f} | "
-            f"{figures['final_train_loss']:.4f} | "
-            f"{ours['seconds_per_epoch'] / figures['seconds_per_epoch']:.2f} | "
-            f"{ours['peak_memory_mib'] / figures['peak_memory_mib']:.2f} | "
-            f"{ours['training_memory_mib'] / figures['training_memory_mib']:.2f} | "
-            f"{ours['final_train_loss'] / figures['final_train_loss']:.3f} |"
+            f"{figures['peak_memory_mib']:.0f} | {figures['training_memory_mib']:.0f} | {figures['final_train_loss']:.4f} |"
         )
+    lines += ["", "| ours / peer | time | peak memory | rise above start | loss |", "| --- | --- | --- | --- | --- |"]
+    for ours in (side for side in results if side.startswith("ours")):
+        for peer in (side for side in results if side.startswith("peft")):
+            a, b = results[ours], results[peer]
+            lines.append(
+                f"| {ours} / {peer} | {a['seconds_per_epoch'] / b['seconds_per_epoch']:.2f} | "
+                f"{a['peak_memory_mib'] / b['peak_memory_mib']:.2f} | "
+                f"{a['training_memory_mib'] / b['training_memory_mib']:.2f} | "
+                f"{a['final_train_loss'] / b['final_train_loss']:.3f} |"
+            )
     report = "\n".join(lines) + "\n"
     print(report)
-    name = f"train-{Path(args.model).name if args.model else 'tiny-bloom'}-{args.precision}"
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"{name}.md").write_text(report)

@@ -13,13 +13,15 @@ def run(script, tmp_path, *arguments):
                    check=True, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
-def test_bench_train_reports_ours_and_both_peft_sides(tmp_path):
+def test_bench_train_reports_every_side(tmp_path):
     run("bench_train.py", tmp_path, "--rows", "16", "--num-virtual-tokens", "4")
     results = json.loads((tmp_path / "train-tiny-bloom-fp32.json").read_text())["results"]
-    assert list(results) == ["ours", "peft-trainer", "peft-loop"]
+    assert list(results) == ["ours", "ours-checkpointed", "peft-trainer", "peft-loop"]
     for figures in results.values():
         assert figures["seconds_per_epoch"] > 0 and figures["peak_memory_mib"] > 0
-    # Same init, rows and schedule: the mean train loss of ours and PEFT's plain loop agree closely.
+    # Gradient checkpointing recomputes, it does not change the result: the same prompt, the same loss.
+    assert results["ours-checkpointed"]["final_train_loss"] == results["ours"]["final_train_loss"]
+    # Same init, rows and schedule (other batch order): the trained prompts reach nearly the same loss.
     assert abs(results["ours"]["final_train_loss"] / results["peft-loop"]["final_train_loss"] - 1) < 0.05
     assert "| peft-trainer |" in (tmp_path / "train-tiny-bloom-fp32.md").read_text()
 

@@ -395,10 +395,13 @@ class SoftPromptModel(nn.Module):
         holds (prompt ids, completion ids) pairs. Batched, right-padded `[P][x][pad]`; prompts too long
         for the context are cut from the left, with a warning."""
         num_virtual = self.num_virtual_tokens if use_prompt else 0
+        # Longest first, so each batch holds sequences of similar length (little padding computed);
+        # the scores are put back in the caller's order at the end.
+        order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
         totals = []
         for start in range(0, len(sequences), batch_size):
             chunk = []
-            for prompt_ids, completion_ids in sequences[start : start + batch_size]:
+            for prompt_ids, completion_ids in (sequences[i] for i in order[start : start + batch_size]):
                 if not prompt_ids or not completion_ids:
                     raise ValueError("label scoring needs tokens before the label and a non-empty label")
                 if self.context_length is not None:
@@ -418,15 +421,20 @@ class SoftPromptModel(nn.Module):
                     positions.append(num_virtual + k - 1)
                     targets.append(ids[k])
             input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-            if use_prompt:
-                logits = self(input_ids, attention_mask, use_cache=False).logits  # [b, V + T, vocab]
+            inputs = self.prepare_inputs(input_ids, attention_mask) if use_prompt else {
+                "input_ids": input_ids, "attention_mask": attention_mask}
+            rows = torch.tensor(rows, device=self.device)
+            positions = torch.tensor(positions, device=self.device)
+            if self._plain_linear_head:
+                # The LM head only where a label token is predicted, not over [b, V + T, vocab].
+                hidden = self.base_model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+                selected = self.base_model.get_output_embeddings()(hidden[rows, positions]).float()  # [tokens, vocab]
             else:
-                logits = self.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            rows = torch.tensor(rows, device=logits.device)
-            selected = logits[rows, torch.tensor(positions, device=logits.device)].float()  # [tokens, vocab]
-            token_log_probs = selected.log_softmax(dim=-1).gather(1, torch.tensor(targets, device=logits.device)[:, None])
-            totals.append(torch.zeros(len(chunk), device=logits.device).index_add_(0, rows, token_log_probs[:, 0]))
-        return torch.cat(totals).cpu()
+                selected = self.base_model(**inputs, use_cache=False).logits[rows, positions].float()
+            token_log_probs = selected.log_softmax(dim=-1).gather(1, torch.tensor(targets, device=self.device)[:, None])
+            totals.append(torch.zeros(len(chunk), device=self.device).index_add_(0, rows, token_log_probs[:, 0]))
+        sorted_totals = torch.cat(totals).cpu()
+        return torch.empty_like(sorted_totals).index_copy_(0, torch.tensor(order, dtype=torch.long), sorted_totals)
 
 
 # -- helpers for generation ------------------------------------------------------------------------

@@ -17,9 +17,8 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError
 from .data import template_fields
-from .model import SoftPromptModel, truncate_left
+from .model import SoftPromptModel, load_base_model, truncate_left
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class InferenceError(ValueError):
@@ -37,16 +36,11 @@ def load_model(
     A checkpoint recorded for another base model is a warning, or an error with `strict`; one with
     another embedding size, or missing or corrupt, raises `CheckpointError`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name)
-        base = AutoModelForCausalLM.from_pretrained(model_name, dtype=PRECISIONS[precision]).to(device).eval()
-    except OSError as error:
-        raise InferenceError(f"cannot load model {model_name!r}: {str(error).splitlines()[0]}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # batches need padding; it is masked out
+        base, tokenizer = load_base_model(model_name, precision, device)
+    except ValueError as error:
+        raise InferenceError(str(error)) from None
     model = SoftPromptModel.from_pretrained(base, checkpoint, tokenizer=tokenizer)
     recorded = model.metadata.get("base_model_name_or_path")
     if recorded and not same_model_name(recorded, model_name):

@@ -16,6 +16,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,10 +30,33 @@ from transformers import (
 )
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import split_template, template_fields
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, split_template, template_fields
 from .embedding import SoftPromptEmbedding
 from .loss import frozen_head_cross_entropy
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_base_model(name: str, model_dtype: str = "fp32", device: torch.device | str = "cpu"):
+    """(the causal LM `name`, a hub id or a folder, in `model_dtype` on `device` in eval mode, its
+    tokenizer with a pad token). Raises a one-line ValueError when it cannot be loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if Path(name).is_file():
+        raise ValueError(f"--model {name} is a file: pass a model folder or a hub name")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[model_dtype])
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0]
+        if Path(name).is_dir():
+            raise ValueError(f"cannot load a causal LM from folder {name} ({reason})") from None
+        raise ValueError(
+            f"could not load model {name!r} from the hub ({reason}): pass a local model folder with --model"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out and never labelled
+    return model.to(device).eval(), tokenizer
 
 
 class SoftPromptModel(nn.Module):

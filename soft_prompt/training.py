@@ -44,9 +44,8 @@ from .data import (
     tokenize_rows,
 )
 from .bloom_sdpa import use_sdpa_attention
-from .model import SoftPromptModel
+from .model import DTYPES, SoftPromptModel, load_base_model
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TINY_MODEL = "tiny-bloom"  # --model tiny-bloom: a tiny random BLOOM written into the run folder
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
@@ -95,27 +94,6 @@ def prepare_demo(output_dir: Path, model: str, data: str | None) -> tuple[str, s
         data = str(output_dir / "demo-data.jsonl")
         write_atomic(data, "".join(json.dumps(row) + "\n" for row in demo_rows(256)).encode())
     return model, data
-
-
-def load_base_model(name: str, model_dtype: str, device: torch.device):
-    """(frozen model in `model_dtype` on `device`, tokenizer with a pad token)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if Path(name).is_file():
-        raise ValueError(f"--model {name} is a file: pass a model folder or a hub name")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[model_dtype])
-    except (OSError, ValueError) as error:
-        reason = str(error).splitlines()[0]
-        if Path(name).is_dir():
-            raise ValueError(f"cannot load a causal LM from folder {name} ({reason})") from None
-        raise ValueError(
-            f"could not load model {name!r} from the hub ({reason}): pass a local model folder with --model"
-        ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out and never labelled
-    return model.to(device), tokenizer
 
 
 def apply_speed_options(base_model, model_cfg) -> None:

@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from soft_prompt import SoftPromptModel
+from soft_prompt.config import TASKS
+from soft_prompt.model import load_base_model
 
 RESULTS = Path(__file__).parent / "results"
-TEMPLATE = "Sentence : {text} Label : {label_text}"
-LABELS = ["hate speech", "no hate speech"]
+TEMPLATE = TASKS["hate"]["template"]
+LABELS = TASKS["hate"]["label_words"]
 TUTORIAL_INPUTS = [
     "Act as a fitness Trainer. Prompt: ",
     "Sentence : Head is the shape of a light bulb Label : ",
@@ -42,22 +43,21 @@ def timed(function):
 
 
 def load(model_dir: str | None):
+    """(model folder, frozen model, tokenizer padding on the left for generation)."""
     if model_dir is None:
         from soft_prompt.tiny import save_tiny_model
 
         model_dir = save_tiny_model(tempfile.mkdtemp(), "llama")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    base, tokenizer = load_base_model(model_dir)
     tokenizer.padding_side = "left"
-    return model_dir, tokenizer
+    return model_dir, base, tokenizer
 
 
 def peft_twin(model_dir: str, prompt_weight: torch.Tensor):
     """PEFT's PeftModelForCausalLM on its own copy of the base model, with our prompt weights."""
     from peft import PromptTuningConfig, TaskType, get_peft_model
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    base, _ = load_base_model(model_dir)
     peft_model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt_weight.shape[0]))
     with torch.no_grad():
         peft_model.prompt_encoder["default"].embedding.weight.copy_(prompt_weight)
@@ -134,8 +134,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    model_dir, tokenizer = load(args.model)
-    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model_dir, base, tokenizer = load(args.model)
     if args.checkpoint:
         ours = SoftPromptModel.from_pretrained(base, args.checkpoint, tokenizer=tokenizer)
     else:

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from soft_prompt.config import TASKS
+
 RESULTS = Path(__file__).parent / "results"
-HATE_TEMPLATE = "Sentence : {text} Label : {label_text}"
-PROMPTS_TEMPLATE = "Act as a {act}. Prompt: {prompt}"
+HATE_TEMPLATE = TASKS["hate"]["template"]
+PROMPTS_TEMPLATE = TASKS["prompts"]["template"]
 SIDES = ("ours", "ours-checkpointed", "peft-trainer", "peft-loop")
 
 
@@ -157,12 +159,11 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
 def final_loss(model_dir: str, prompt: torch.Tensor, tokenizer, token_rows: list[list[int]], batch_size: int) -> float:
     """The trained prompt's loss per token over all the training rows, the same way for every side
     (the frozen model's own loss, fp32, eval mode): what each side's training reached."""
-    from transformers import AutoModelForCausalLM
-
     from soft_prompt import SoftPromptModel
+    from soft_prompt.model import load_base_model
     from soft_prompt.training import Example, collate
 
-    model = SoftPromptModel(AutoModelForCausalLM.from_pretrained(model_dir).eval(), num_virtual_tokens=prompt.shape[0], seed=0)
+    model = SoftPromptModel(load_base_model(model_dir)[0], num_virtual_tokens=prompt.shape[0], seed=0)
     model.prompt.weight.copy_(prompt)
     total, count = 0.0, 0
     for start in range(0, len(token_rows), batch_size):

@@ -107,7 +107,12 @@ class SoftPromptModel(nn.Module):
             "seed": seed,
             **(metadata or {}),
         }
-        self._takes_position_ids = "position_ids" in inspect.signature(base_model.forward).parameters
+        forward_arguments = inspect.signature(base_model.forward).parameters
+        self._takes_position_ids = "position_ids" in forward_arguments
+        self._takes_logits_to_keep = "logits_to_keep" in forward_arguments
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name is a
+        # deprecated alias): the name PEFT's generation hook looks for.
+        self._cache_argument = "cache" if "cache" in forward_arguments else "past_key_values"
         self._prompt_kv = None  # (what it was computed from, the soft prompt's cache); see _prompt_cache
         # The chunked loss applies the LM head itself: only for a plain linear head over the
         # decoder's last hidden state (no logit soft-capping or scaling, which it would skip).
@@ -283,12 +288,6 @@ class SoftPromptModel(nn.Module):
         positions_not_from_slots = self._takes_position_ids or config.model_type == "bloom"
         return full_attention and positions_not_from_slots and not config.is_encoder_decoder
 
-    @property
-    def _cache_argument(self) -> str:
-        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name is a
-        # deprecated alias): the name PEFT's generation hook looks for.
-        return "cache" if "cache" in inspect.signature(self.base_model.forward).parameters else "past_key_values"
-
     def _prompt_cache(self):
         """The frozen model's cache after the soft prompt alone, at positions 0..V-1, batch 1.
 
@@ -327,7 +326,6 @@ class SoftPromptModel(nn.Module):
             processors = LogitsProcessorList([*processors, *sampling_warpers(config)])
         eos = torch.tensor(as_list(config.eos_token_id), dtype=torch.long, device=input_ids.device)
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0].item() if len(eos) else 0)
-        takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.base_model.forward).parameters
 
         step_inputs = {"inputs_embeds": self.base_model.get_input_embeddings()(input_ids)}  # [B, T, D]
         new_tokens = input_ids.new_empty(batch_size, 0)
@@ -335,7 +333,7 @@ class SoftPromptModel(nn.Module):
         for _ in range(config.max_new_tokens):
             if self._takes_position_ids:
                 step_inputs["position_ids"] = position_ids
-            if takes_logits_to_keep:
+            if self._takes_logits_to_keep:
                 step_inputs["logits_to_keep"] = 1
             logits = self.base_model(
                 **step_inputs, attention_mask=attention_mask, use_cache=True, **{self._cache_argument: cache}

@@ -1,7 +1,7 @@
 """Training speed and memory: ours against PEFT + HF Trainer (as the tutorial runs it) and PEFT in
 a plain loop, on the same model, rows, batch size, lr, epochs, virtual tokens and precision.
 
-    python benchmarks/bench_train.py --model DIR --data FILE.jsonl [--rows 160] [--precision fp32]
+    python benchmarks/bench_train.py --model DIR --data FILE.jsonl [--rows 160] [--precision fp32] [--seeds 0 1 2]
 
 Each side runs in a fresh process (so peak memory is its own) and prints one JSON line; this
 script then prints the table with ratios ours/peer and writes benchmarks/results/train-*.md/.json.
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from soft_prompt.config import TASKS
 RESULTS = Path(__file__).parent / "results"
 HATE_TEMPLATE = TASKS["hate"]["template"]
 PROMPTS_TEMPLATE = TASKS["prompts"]["template"]
-SIDES = ("ours", "ours-checkpointed", "peft-trainer", "peft-loop")
+SIDES = ("ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop")
 
 
 class PeakMemory:
@@ -149,6 +150,7 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
         "epochs": args.epochs, "max_length": args.max_length, "precision": args.precision,
         "model_dtype": args.precision if args.ours_model_dtype else "fp32", "group_by_length": True,
         "gradient_checkpointing": args.side == "ours-checkpointed",
+        "max_batch_tokens": args.max_batch_tokens if args.side == "ours-micro-batches" else 0,
         "seed": args.seed, "save_every": 0, "output_dir": tempfile.mkdtemp(), "label_words": [],
     })
     train(config)
@@ -221,28 +223,50 @@ def main() -> None:
     parser.add_argument("--num-virtual-tokens", type=int, default=20)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="run every side once per seed (prompt init and batch order); the report takes the "
+                             "median time, the highest peak memory and the mean loss")
+    parser.add_argument("--max-batch-tokens", type=int, default=512,
+                        help="the ours-micro-batches side splits batches over this many padded tokens (same gradient)")
     parser.add_argument("--ours-model-dtype", action="store_true",
                         help="ours stores the frozen weights in --precision (bf16/fp16) instead of fp32 under autocast")
     parser.add_argument("--side", choices=SIDES, help="run one side and print its JSON (used internally)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of one --side run (used internally)")
     parser.add_argument("--output-dir", default=str(RESULTS))
     args = parser.parse_args()
     if args.side:
         print(json.dumps(run_side(args)))
         return
 
-    results = {}
-    for side in SIDES:
-        command = [sys.executable, __file__, "--side", side] + sys.argv[1:]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[side] = json.loads(output.strip().splitlines()[-1])
-        print(f"{side}: {results[side]}", file=sys.stderr)
-    write_report(args, results, " ".join(["python", "benchmarks/bench_train.py"] + sys.argv[1:]))
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    for seed in args.seeds:
+        for side in SIDES:
+            command = [sys.executable, __file__, "--side", side, "--seed", str(seed)] + sys.argv[1:]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs[side].append(json.loads(output.strip().splitlines()[-1]))
+            print(f"{side} seed {seed}: {runs[side][-1]}", file=sys.stderr)
+    write_report(args, runs, " ".join(["python", "benchmarks/bench_train.py"] + sys.argv[1:]))
 
 
-def write_report(args, results: dict, command: str) -> None:
+def summarise(side_runs: list[dict]) -> dict:
+    """One side over its seeds: median time and tokens/s, highest memory, mean and spread of the loss."""
+    losses = [run["final_train_loss"] for run in side_runs]
+    return {
+        "seconds_per_epoch": statistics.median(run["seconds_per_epoch"] for run in side_runs),
+        "tokens_per_second": statistics.median(run["tokens_per_second"] for run in side_runs),
+        "peak_memory_mib": max(run["peak_memory_mib"] for run in side_runs),
+        "training_memory_mib": max(run["training_memory_mib"] for run in side_runs),
+        "final_train_loss": statistics.fmean(losses),
+        "final_train_loss_stdev": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        "runs": side_runs,
+    }
+
+
+def write_report(args, runs: dict[str, list[dict]], command: str) -> None:
     """The figures per side, then each of our sides against each PEFT side (ratio < 1: ours less)."""
+    results = {side: summarise(side_runs) for side, side_runs in runs.items()}
     name = f"train-{Path(args.model).name if args.model else 'tiny-bloom'}-{args.precision}"
+    seeds = ", ".join(map(str, args.seeds))
     lines = [
         f"# Training: ours vs PEFT ({name[len('train-'):]})",
         "",
@@ -250,9 +274,12 @@ def write_report(args, results: dict, command: str) -> None:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}; "
-        f"{versions()}. Time and memory run from before the model is loaded to the end of training; "
-        "memory is CUDA max allocated, or the process's peak RSS on CPU; the loss is each side's trained "
-        "prompt scored the same way on all the rows (the frozen model's own loss, fp32).",
+        f"{versions()}. Every side ran once per seed ({seeds}; the seed sets the prompt's init, the same on "
+        "every side, and the batch order). Time and memory run from before the model is loaded to the end of "
+        "training: the median time over the seeds, the highest memory (CUDA max allocated, or the process's "
+        "peak RSS on CPU). The loss is each side's trained prompt scored the same way on all the rows (the "
+        "frozen model's own loss, fp32), averaged over the seeds (± the standard deviation). "
+        f"`ours-micro-batches` is `ours` with `--max-batch-tokens {args.max_batch_tokens}`.",
         "",
         "| side | s/epoch | tokens/s | peak memory (MiB) | rise above start (MiB) | loss after training |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -260,7 +287,8 @@ def write_report(args, results: dict, command: str) -> None:
     for side, figures in results.items():
         lines.append(
             f"| {side} | {figures['seconds_per_epoch']:.2f} | {figures['tokens_per_second']:.0f} | "
-            f"{figures['peak_memory_mib']:.0f} | {figures['training_memory_mib']:.0f} | {figures['final_train_loss']:.4f} |"
+            f"{figures['peak_memory_mib']:.0f} | {figures['training_memory_mib']:.0f} | "
+            f"{figures['final_train_loss']:.4f} ± {figures['final_train_loss_stdev']:.4f} |"
         )
     lines += ["", "| ours / peer | time | peak memory | rise above start | loss |", "| --- | --- | --- | --- | --- |"]
     for ours in (side for side in results if side.startswith("ours")):

@@ -81,8 +81,15 @@ class OptimConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     scheduler: str = field(default="linear", metadata={"help": "decay after warmup", "choices": SCHEDULERS})
     warmup_steps: int = field(default=0, metadata={"help": "optimizer steps of linear warmup from 0"})
-    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    batch_size: int = field(default=8, metadata={"help": "rows per batch"})
+    grad_accum: int = field(
+        default=1, metadata={"help": "batches per optimizer step; the loss is the mean over all their labelled tokens"}
+    )
+    max_batch_tokens: int = field(
+        default=0,
+        metadata={"help": "split a batch over this many padded tokens (rows x longest row, virtual tokens included) "
+                          "into micro-batches: the same gradient, less activation memory (0: never split)"},
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the prompt's gradient norm to this (0: no clipping)"})
     epochs: int = field(default=5, metadata={"help": "passes over the training rows"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps instead (0: use --epochs)"})
@@ -185,7 +192,8 @@ def validate(config: TrainConfig) -> None:
     at_least_one = {"batch_size": optim.batch_size, "grad_accum": optim.grad_accum, "epochs": optim.epochs,
                     "max_bad_steps": optim.max_bad_steps, "log_every": run.log_every}
     not_negative = {"warmup_steps": optim.warmup_steps, "max_steps": optim.max_steps, "weight_decay": optim.weight_decay,
-                    "max_grad_norm": optim.max_grad_norm, "save_every": run.save_every, "eval_every": run.eval_every}
+                    "max_grad_norm": optim.max_grad_norm, "save_every": run.save_every, "eval_every": run.eval_every,
+                    "max_batch_tokens": optim.max_batch_tokens}
     for name, value in at_least_one.items():
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

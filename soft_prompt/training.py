@@ -40,6 +40,7 @@ from .data import (
     collate,
     label_words_of,
     load_rows,
+    split_batch,
     split_validation,
     tokenize_rows,
 )
@@ -376,8 +377,9 @@ def train(config: TrainConfig) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=DTYPES[model_cfg.precision], enabled=model_cfg.precision != "fp32")
 
-    # The schedule of optimizer steps: each takes `grad_accum` micro-batches of the epoch's order.
+    # The schedule of optimizer steps: each takes `grad_accum` batches of the epoch's order.
     lengths = [len(example.input_ids) for example in train_examples]
+    num_labelled = [sum(label != IGNORE_INDEX for label in example.labels) for example in train_examples]
     batches_per_epoch = math.ceil(len(train_examples) / optim.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / optim.grad_accum)
     total_steps = optim.max_steps or optim.epochs * steps_per_epoch
@@ -445,14 +447,22 @@ def train(config: TrainConfig) -> dict:
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
 
-            # Forward and backward over the micro-batches; their mean losses are averaged.
+            # Forward and backward over the step's batches, each cut into micro-batches within
+            # --max-batch-tokens. Each micro-batch's mean loss is weighted by its share of the step's
+            # labelled tokens, so the gradient is that of the mean over all of them, however it is cut.
             step_loss = torch.zeros((), device=device)
-            for indices in group:
+            step_labelled = max(1, sum(num_labelled[i] for indices in group for i in indices))
+            micro_batches = [
+                piece
+                for indices in group
+                for piece in split_batch(indices, lengths, optim.max_batch_tokens, prompt_cfg.num_virtual_tokens)
+            ]
+            for indices in micro_batches:
                 batch = collate([train_examples[i] for i in indices], tokenizer.pad_token_id)
                 batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
                 with autocast():
                     # = model(**batch).loss, without materialising the [B, V + T, vocab] logits
-                    loss = model.loss(**batch) / len(group)
+                    loss = model.loss(**batch) * (sum(num_labelled[i] for i in indices) / step_labelled)
                 scaler.scale(loss).backward()
                 step_loss += loss.detach()
                 window_tokens += int(batch["attention_mask"].sum())

@@ -14,13 +14,16 @@ def run(script, tmp_path, *arguments):
 
 
 def test_bench_train_reports_every_side(tmp_path):
-    run("bench_train.py", tmp_path, "--rows", "16", "--num-virtual-tokens", "4")
+    run("bench_train.py", tmp_path, "--rows", "16", "--num-virtual-tokens", "4", "--max-batch-tokens", "40")
     results = json.loads((tmp_path / "train-tiny-bloom-fp32.json").read_text())["results"]
-    assert list(results) == ["ours", "ours-checkpointed", "peft-trainer", "peft-loop"]
+    assert list(results) == ["ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop"]
     for figures in results.values():
         assert figures["seconds_per_epoch"] > 0 and figures["peak_memory_mib"] > 0
-    # Gradient checkpointing recomputes, it does not change the result: the same prompt, the same loss.
+        assert len(figures["runs"]) == 1  # one seed
+    # Gradient checkpointing recomputes, it does not change the result: the same prompt, the same loss;
+    # micro-batches give the same gradient up to the order of the sums.
     assert results["ours-checkpointed"]["final_train_loss"] == results["ours"]["final_train_loss"]
+    assert abs(results["ours-micro-batches"]["final_train_loss"] / results["ours"]["final_train_loss"] - 1) < 1e-5
     # Same init, rows and schedule (other batch order): the trained prompts reach nearly the same loss.
     assert abs(results["ours"]["final_train_loss"] / results["peft-loop"]["final_train_loss"] - 1) < 0.05
     assert "| peft-trainer |" in (tmp_path / "train-tiny-bloom-fp32.md").read_text()

@@ -8,6 +8,7 @@ from soft_prompt.data import (
     IGNORE_INDEX,
     Example,
     batch_order,
+    split_batch,
     check_template_columns,
     collate,
     label_words_of,
@@ -87,6 +88,17 @@ def test_group_by_length_cuts_padding():
     assert sorted(i for batch in grouped for i in batch) == list(range(32))
     assert padding(grouped) == 0
     assert padding(batch_order(lengths, 4, seed=0, epoch=0)) > 0
+
+
+def test_split_batch_keeps_each_micro_batch_within_the_token_budget():
+    lengths = [5, 9, 3, 7, 20, 4]
+    # 2 virtual tokens: row 4 (22) alone is within 24 but not with another; 2 x (9 + 2) fits, 3 x does not.
+    assert split_batch([0, 1, 2, 3, 4, 5], lengths, 24, extra_tokens=2) == [[4], [1, 3], [0, 5, 2]]
+    # A row longer than the budget still trains, alone.
+    assert split_batch([4, 2], lengths, 10, extra_tokens=2) == [[4], [2]]
+    # Within budget, or no budget: the batch stays whole and in its order.
+    assert split_batch([2, 0], lengths, 14, extra_tokens=2) == [[2, 0]]
+    assert split_batch([0, 1, 2, 3, 4, 5], lengths, 0, extra_tokens=2) == [[0, 1, 2, 3, 4, 5]]
 
 
 def test_local_files_load_through_datasets(tmp_path):

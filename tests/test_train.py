@@ -141,6 +141,36 @@ def nan_loss_on(monkeypatch, bad_calls: set[int] | None):
     monkeypatch.setattr(SoftPromptModel, "loss", loss)
 
 
+def test_micro_batches_and_accumulation_give_the_gradient_of_the_whole_batch(bloom_dir, jsonl, tmp_path, monkeypatch):
+    """A step's loss is the mean over all its labelled tokens, however the step is cut: 8-row batches
+    whole, cut into micro-batches by --max-batch-tokens, or as 2 accumulated batches of 4 (the same
+    rows: without length grouping a batch of 8 is two consecutive batches of 4)."""
+    original_loss, calls = SoftPromptModel.loss, []
+
+    def counting_loss(self, *a, **k):
+        calls.append(1)
+        return original_loss(self, *a, **k)
+
+    monkeypatch.setattr(SoftPromptModel, "loss", counting_loss)
+
+    def run(name: str, *extra: str) -> tuple[torch.Tensor, list[float], int]:
+        calls.clear()
+        output_dir = tmp_path / name
+        arguments = ["--model", bloom_dir, "--data", jsonl, "--template", HATE, "--output-dir", str(output_dir),
+                     "--num-virtual-tokens", "4", "--epochs", "1", "--seed", "3", "--save-every", "0", *extra]
+        assert train.main(arguments) == 0
+        return prompt(output_dir / "last"), losses(output_dir), len(calls)
+
+    whole, whole_losses, whole_calls = run("whole", "--batch-size", "8")
+    for name, extra in [("split", ["--batch-size", "8", "--max-batch-tokens", "60"]),
+                        ("accumulated", ["--batch-size", "4", "--grad-accum", "2"])]:
+        weight, step_losses, num_calls = run(name, *extra)
+        assert num_calls > whole_calls == 5  # 40 rows: 5 steps, each cut into more micro-batches
+        assert len(step_losses) == len(whole_losses) == 5
+        torch.testing.assert_close(step_losses, whole_losses, rtol=1e-5, atol=0)
+        torch.testing.assert_close(weight, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_a_non_finite_step_is_skipped_and_counted(bloom_dir, jsonl, tmp_path, monkeypatch):
     nan_loss_on(monkeypatch, {1, 2})  # the first step's two micro-batches
     config = resolve_config(parse_args(args(bloom_dir, jsonl, tmp_path, "--max-steps", "2")))

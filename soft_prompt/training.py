@@ -389,7 +389,7 @@ def train(config: TrainConfig) -> dict:
         "num_virtual_tokens": prompt_cfg.num_virtual_tokens,
         "step": 0,
         "epoch": 0,
-        "batch_in_epoch": 0,  # micro-batches of the current epoch already trained on
+        "batch_in_epoch": 0,  # batches of the current epoch already trained on
         "epoch_loss_sum": 0.0,
         "epoch_steps": 0,
         "best_eval_loss": None,
@@ -531,6 +531,7 @@ def train(config: TrainConfig) -> dict:
         "best_eval_loss": state["best_eval_loss"],
         "skipped_steps": state["skipped_steps"],
         "seconds": time.perf_counter() - started,
+        "train_seconds": time.perf_counter() - loop_started,  # the loop alone: no loading, no setup
         "tokens_per_s": tokens_seen / max(time.perf_counter() - loop_started, 1e-9),
         "peak_memory_mib": peak_memory_mib(device),
         "interrupted": interrupted,

@@ -1,16 +1,21 @@
 """Training speed and memory: ours against PEFT + HF Trainer (as the tutorial runs it) and PEFT in
 a plain loop, on the same model, rows, batch size, lr, epochs, virtual tokens and precision.
 
-    python benchmarks/bench_train.py --model DIR --data FILE.jsonl [--rows 160] [--precision fp32] [--seeds 0 1 2]
+    python benchmarks/bench_train.py --model DIR --data FILE.jsonl [--rows 160] [--seeds 0 1 2]
+    python benchmarks/bench_train.py --arch bloomz-560m --tokenizer DIR --data FILE.jsonl --rows 48
+    python benchmarks/bench_train.py --arch bloomz-560m --tokenizer DIR --data FILE.jsonl --largest-batch
 
 Each side runs in a fresh process (so peak memory is its own) and prints one JSON line; this
 script then prints the table with ratios ours/peer and writes benchmarks/results/train-*.md/.json.
-Without --model it builds a tiny BLOOM (seconds; what the test runs).
+Without --model it builds `--arch`: a tiny BLOOM (seconds; what the test runs) or the bloomz-560m
+architecture with random weights (the real model's cost). `--largest-batch` instead doubles the
+batch, on the longest rows, until a side fails (runs out of memory) or reaches `--batch-limit`.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -65,14 +70,23 @@ class PeakMemory:
         self.extra = self.peak - self.start
 
 
-def load_rows(path: str | None, num_rows: int) -> tuple[list[dict], str]:
+def load_rows(path: str | None, num_rows: int, longest: bool = False) -> tuple[list[dict], str]:
+    """The first `num_rows` rows (generated ones without `path`), or with `longest` the longest
+    rows, repeated if need be, to measure the memory of the worst batch."""
     if path is None:
         from soft_prompt.tiny import demo_rows
 
-        return demo_rows(num_rows), HATE_TEMPLATE
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()][:num_rows]
-    return rows, HATE_TEMPLATE if "text" in rows[0] else PROMPTS_TEMPLATE
+        rows, template = demo_rows(max(num_rows, 64)), HATE_TEMPLATE
+    else:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        template = HATE_TEMPLATE if "text" in rows[0] else PROMPTS_TEMPLATE
+    if longest:
+        from soft_prompt.data import fill_template
+
+        rows = sorted(rows, key=lambda row: -len(fill_template(template, row)))
+        rows = (rows[:num_rows] * num_rows)[:num_rows]
+    return rows[:num_rows], template
 
 
 def tokenised_rows(tokenizer, rows: list[dict], template: str, max_length: int) -> list[list[int]]:
@@ -105,8 +119,8 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
         )
         dataset = Dataset.from_dict({"input_ids": token_rows})
         trainer = Trainer(model=peft_model, args=training_args, train_dataset=dataset, data_collator=collator)
-        trainer.train()
-        return {"prompt": peft_model.prompt_encoder["default"].embedding.weight.detach().cpu()}
+        train_seconds = trainer.train().metrics["train_runtime"]
+        return {"prompt": peft_model.prompt_encoder["default"].embedding.weight.detach().cpu(), "train_seconds": train_seconds}
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peft_model.to(device).train()
@@ -119,6 +133,7 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
     schedule = get_linear_schedule_with_warmup(optimizer, 0, args.epochs * len(loader))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
     scaler = torch.amp.GradScaler(device, enabled=args.precision == "fp16")
+    started = time.perf_counter()
     for _ in range(args.epochs):
         for batch in loader:
             batch = {key: value.to(device) for key, value in batch.items()}
@@ -131,12 +146,16 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
             scaler.update()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-    return {"prompt": peft_model.prompt_encoder["default"].embedding.weight.detach().cpu()}
+    if device == "cuda":
+        torch.cuda.synchronize()
+    train_seconds = time.perf_counter() - started
+    return {"prompt": peft_model.prompt_encoder["default"].embedding.weight.detach().cpu(), "train_seconds": train_seconds}
 
 
 def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
     """The shipped loop (`soft_prompt.training.train`) with length-grouped batches; the
-    `ours-checkpointed` side adds gradient checkpointing (activation memory for time)."""
+    `ours-micro-batches` side adds `--max-batch-tokens` and `ours-checkpointed` adds gradient
+    checkpointing (each trades time for activation memory in its own way)."""
     from safetensors.torch import load_file
 
     from soft_prompt.config import resolve_config
@@ -149,12 +168,14 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
         "num_virtual_tokens": args.num_virtual_tokens, "lr": args.lr, "batch_size": args.batch_size,
         "epochs": args.epochs, "max_length": args.max_length, "precision": args.precision,
         "model_dtype": args.precision if args.ours_model_dtype else "fp32", "group_by_length": True,
+        "attention": args.ours_attention,
         "gradient_checkpointing": args.side == "ours-checkpointed",
         "max_batch_tokens": args.max_batch_tokens if args.side == "ours-micro-batches" else 0,
         "seed": args.seed, "save_every": 0, "output_dir": tempfile.mkdtemp(), "label_words": [],
     })
-    train(config)
-    return {"prompt": load_file(Path(config.run.output_dir) / "last" / "adapter_model.safetensors")["prompt_embeddings"]}
+    summary = train(config)
+    prompt = load_file(Path(config.run.output_dir) / "last" / "adapter_model.safetensors")["prompt_embeddings"]
+    return {"prompt": prompt, "train_seconds": summary["train_seconds"]}
 
 
 @torch.no_grad()
@@ -177,44 +198,114 @@ def final_loss(model_dir: str, prompt: torch.Tensor, tokenizer, token_rows: list
 
 
 def run_side(args) -> dict:
-    """One side, timed and measured from before the model is loaded to the end of training."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = args.model or build_tiny_model()
+    """One side: an epoch, timed and measured from before the model is loaded to the end of
+    training; or with --largest-batch, the batch sizes it trained on."""
+    if args.largest_batch:
+        return {"side": args.side, "tried": largest_batch(args)}
     rows, template = load_rows(args.data, args.rows)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer, token_rows = tokenise(args, rows, template)
+    result, seconds, memory = train_once(args, rows, template, tokenizer, token_rows)
+    # Model FLOPs of the training loop: about 4 x parameters per position (the forward, and the
+    # backward's activation-gradient half; the frozen weights get no gradient), over the real and
+    # virtual positions (not padding).
+    positions = args.epochs * sum(len(ids) + args.num_virtual_tokens for ids in token_rows)
+    return {
+        "side": args.side,
+        "seconds_per_epoch": seconds / args.epochs,
+        "train_seconds_per_epoch": result["train_seconds"] / args.epochs,
+        "tokens_per_second": args.epochs * sum(len(ids) for ids in token_rows) / seconds,
+        "model_tflops_per_second": 4 * num_parameters(args.model) * positions / result["train_seconds"] / 1e12,
+        "peak_memory_mib": memory.peak / 2**20,
+        "training_memory_mib": memory.extra / 2**20,
+        "final_train_loss": final_loss(args.model, result["prompt"], tokenizer, token_rows, args.batch_size),
+    }
+
+
+def tokenise(args, rows: list[dict], template: str) -> tuple:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    token_rows = tokenised_rows(tokenizer, rows, template, args.max_length)
+    return tokenizer, tokenised_rows(tokenizer, rows, template, args.max_length)
+
+
+def train_once(args, rows: list[dict], template: str, tokenizer, token_rows: list[list[int]]) -> tuple[dict, float, PeakMemory]:
+    """(the side's result, seconds, peak memory) of one training run, the model's loading included."""
+    from transformers import AutoModelForCausalLM
+
     with PeakMemory() as memory:
         start = time.perf_counter()
         if args.side.startswith("ours"):
-            result = run_ours(args, model_dir, rows, template)
+            result = run_ours(args, args.model, rows, template)
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(args.model)
             result = run_peft(args, model, tokenizer, token_rows, use_trainer=args.side == "peft-trainer")
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    return {
-        "side": args.side,
-        "seconds_per_epoch": seconds / args.epochs,
-        "tokens_per_second": args.epochs * sum(len(ids) for ids in token_rows) / seconds,
-        "peak_memory_mib": memory.peak / 2**20,
-        "training_memory_mib": memory.extra / 2**20,
-        "final_train_loss": final_loss(model_dir, result["prompt"], tokenizer, token_rows, args.batch_size),
-    }
+    return result, seconds, memory
 
 
-def build_tiny_model() -> str:
-    from soft_prompt.tiny import save_tiny_model
+def largest_batch(args) -> list[dict]:
+    """The batch doubled from --batch-size, one optimizer step on that many of the longest rows,
+    until the side runs out of memory or passes --batch-limit."""
+    tried = []
+    while args.batch_size <= args.batch_limit:
+        args.rows = args.batch_size
+        rows, template = load_rows(args.data, args.rows, longest=True)
+        tokenizer, token_rows = tokenise(args, rows, template)
+        try:
+            memory = train_once(args, rows, template, tokenizer, token_rows)[2]
+            tried.append({"batch_size": args.batch_size, "peak_memory_mib": memory.peak / 2**20})
+        except torch.OutOfMemoryError as error:
+            tried.append({"batch_size": args.batch_size, "error": str(error).splitlines()[0][:200]})
+            break
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print(f"{args.side}: batch {args.batch_size} trained", file=sys.stderr)
+        args.batch_size *= 2
+    return tried
 
-    return save_tiny_model(tempfile.mkdtemp(), "bloom")
+
+def num_parameters(model_dir: str) -> int:
+    """The model's parameter count (a tied LM head counted once), from its config alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def build_model(arch: str, tokenizer_dir: str | None, directory: str) -> str:
+    """A model folder for `--arch`: a tiny BLOOM, or bloomz-560m's architecture (24 layers, width
+    1024, 16 heads, a 250,880-token vocabulary) with random weights and `tokenizer_dir`'s tokenizer
+    (the tiny one when none; its ids all fall in the vocabulary)."""
+    from soft_prompt.tiny import build_tokenizer, save_tiny_model
+
+    if arch == "tiny-bloom":
+        return save_tiny_model(directory, "bloom")
+    from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else build_tokenizer()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    config = BloomConfig(hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880,
+                         bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
+    torch.manual_seed(0)
+    BloomForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="local causal-LM folder (default: a tiny BLOOM built here)")
+    parser.add_argument("--model", help="local causal-LM folder (default: build --arch)")
+    parser.add_argument("--arch", choices=["tiny-bloom", "bloomz-560m"], default="tiny-bloom",
+                        help="without --model: a tiny BLOOM, or bloomz-560m's architecture with random weights")
+    parser.add_argument("--tokenizer", help="tokenizer folder for --arch bloomz-560m (default: the tiny one)")
     parser.add_argument("--data", help="ethos- or prompts-shaped .jsonl (default: generated rows)")
     parser.add_argument("--rows", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=1)
@@ -230,6 +321,14 @@ def main() -> None:
                         help="the ours-micro-batches side splits batches over this many padded tokens (same gradient)")
     parser.add_argument("--ours-model-dtype", action="store_true",
                         help="ours stores the frozen weights in --precision (bf16/fp16) instead of fp32 under autocast")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the device's peak TFLOP/s at --precision, to report model-FLOPs utilisation (MFU)")
+    parser.add_argument("--largest-batch", action="store_true",
+                        help="find the largest batch each side trains on (the longest rows) instead of timing an epoch")
+    parser.add_argument("--batch-limit", type=int, default=1024, help="--largest-batch stops doubling here")
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="the sides to run (default: all)")
+    parser.add_argument("--ours-attention", choices=["eager", "sdpa"], default="eager",
+                        help="ours runs BLOOM's attention through scaled_dot_product_attention (--attention sdpa)")
     parser.add_argument("--side", choices=SIDES, help="run one side and print its JSON (used internally)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of one --side run (used internally)")
     parser.add_argument("--output-dir", default=str(RESULTS))
@@ -238,14 +337,57 @@ def main() -> None:
         print(json.dumps(run_side(args)))
         return
 
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
-    for seed in args.seeds:
-        for side in SIDES:
-            command = [sys.executable, __file__, "--side", side, "--seed", str(seed)] + sys.argv[1:]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-            runs[side].append(json.loads(output.strip().splitlines()[-1]))
-            print(f"{side} seed {seed}: {runs[side][-1]}", file=sys.stderr)
-    write_report(args, runs, " ".join(["python", "benchmarks/bench_train.py"] + sys.argv[1:]))
+    command = " ".join(["python", "benchmarks/bench_train.py"] + sys.argv[1:])
+    name = Path(args.model).name if args.model else args.arch
+    name += f"-{args.precision}" + ("-weights" if args.ours_model_dtype else "")
+    name += "-sdpa" if args.ours_attention == "sdpa" else ""
+    name += f"-b{args.batch_size}" if args.batch_size != 8 else ""
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as scratch:
+        model_arguments = ["--model", args.model or build_model(args.arch, args.tokenizer, scratch)]
+        if args.largest_batch:
+            write_largest_batch_report(args, name, largest_batches(args, model_arguments), command)
+            return
+        runs: dict[str, list[dict]] = {side: [] for side in args.sides}
+        for seed in args.seeds:
+            for side in args.sides:
+                runs[side].append(run_subprocess(side, ["--seed", str(seed)] + model_arguments))
+                print(f"{side} seed {seed}: {runs[side][-1]}", file=sys.stderr)
+    write_report(args, name, runs, command)
+
+
+def run_subprocess(side: str, arguments: list[str]) -> dict:
+    """One side in a fresh process (the flags given to this script, then `arguments`, which win)."""
+    command = [sys.executable, __file__] + sys.argv[1:] + ["--side", side] + arguments
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def largest_batches(args, model_arguments: list[str]) -> dict[str, dict]:
+    """Per side, the batch sizes tried and the largest that trained (see `largest_batch`)."""
+    found = {}
+    for side in args.sides:
+        tried = run_subprocess(side, model_arguments)["tried"]
+        fitted = [entry["batch_size"] for entry in tried if "error" not in entry]
+        found[side] = {"largest": max(fitted, default=0), "reached_limit": not tried or "error" not in tried[-1], "tried": tried}
+    return found
+
+
+def write_largest_batch_report(args, name: str, found: dict[str, dict], command: str) -> None:
+    lines = [
+        f"# Largest training batch: ours vs PEFT + Trainer ({name})", "", f"`{command}`", "",
+        f"{machine()}. One optimizer step on the longest rows of the data (max length {args.max_length}), "
+        f"the batch doubled from {args.batch_size} until the side failed or reached {args.batch_limit}. "
+        f"`ours-micro-batches` is `ours` with `--max-batch-tokens {args.max_batch_tokens}`: it holds one "
+        "micro-batch's activations whatever the batch.",
+        "", "| side | largest batch | peak memory there (MiB) | first failure |", "| --- | --- | --- | --- |",
+    ]
+    for side, result in found.items():
+        fitted = [entry for entry in result["tried"] if "error" not in entry]
+        failure = next((entry["error"] for entry in result["tried"] if "error" in entry), "none")
+        largest = f"{result['largest']}{'+ (limit)' if result['reached_limit'] else ''}"
+        peak = f"{fitted[-1]['peak_memory_mib']:.0f}" if fitted else "-"
+        lines.append(f"| {side} | {largest} | {peak} | {failure} |")
+    write_files(args, f"largest-batch-{name}", "\n".join(lines) + "\n", {"command": command, "results": found})
 
 
 def summarise(side_runs: list[dict]) -> dict:
@@ -253,6 +395,7 @@ def summarise(side_runs: list[dict]) -> dict:
     losses = [run["final_train_loss"] for run in side_runs]
     return {
         "seconds_per_epoch": statistics.median(run["seconds_per_epoch"] for run in side_runs),
+        "model_tflops_per_second": statistics.median(run["model_tflops_per_second"] for run in side_runs),
         "tokens_per_second": statistics.median(run["tokens_per_second"] for run in side_runs),
         "peak_memory_mib": max(run["peak_memory_mib"] for run in side_runs),
         "training_memory_mib": max(run["training_memory_mib"] for run in side_runs),
@@ -262,31 +405,33 @@ def summarise(side_runs: list[dict]) -> dict:
     }
 
 
-def write_report(args, runs: dict[str, list[dict]], command: str) -> None:
+def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> None:
     """The figures per side, then each of our sides against each PEFT side (ratio < 1: ours less)."""
     results = {side: summarise(side_runs) for side, side_runs in runs.items()}
-    name = f"train-{Path(args.model).name if args.model else 'tiny-bloom'}-{args.precision}"
     seeds = ", ".join(map(str, args.seeds))
+    mfu = f" MFU is the loop's model TFLOP/s over a peak of {args.peak_tflops} TFLOP/s." if args.peak_tflops else ""
     lines = [
-        f"# Training: ours vs PEFT ({name[len('train-'):]})",
+        f"# Training: ours vs PEFT ({name})",
         "",
         f"`{command}`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}; "
-        f"{versions()}. Every side ran once per seed ({seeds}; the seed sets the prompt's init, the same on "
+        f"{machine()}. Every side ran once per seed ({seeds}; the seed sets the prompt's init, the same on "
         "every side, and the batch order). Time and memory run from before the model is loaded to the end of "
         "training: the median time over the seeds, the highest memory (CUDA max allocated, or the process's "
-        "peak RSS on CPU). The loss is each side's trained prompt scored the same way on all the rows (the "
-        "frozen model's own loss, fp32), averaged over the seeds (± the standard deviation). "
+        "peak RSS on CPU). Model TFLOP/s: 4 x parameters x (real + virtual positions) over the training "
+        f"loop's own time (no loading).{mfu} The loss is each side's trained prompt scored the same way on all "
+        "the rows (the frozen model's own loss, fp32), averaged over the seeds (± the standard deviation). "
         f"`ours-micro-batches` is `ours` with `--max-batch-tokens {args.max_batch_tokens}`.",
         "",
-        "| side | s/epoch | tokens/s | peak memory (MiB) | rise above start (MiB) | loss after training |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| side | s/epoch | tokens/s | model TFLOP/s | peak memory (MiB) | rise above start (MiB) | loss after training |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for side, figures in results.items():
+        tflops = f"{figures['model_tflops_per_second']:.3g}"
+        if args.peak_tflops:
+            tflops += f" (MFU {figures['model_tflops_per_second'] / args.peak_tflops:.1%})"
         lines.append(
-            f"| {side} | {figures['seconds_per_epoch']:.2f} | {figures['tokens_per_second']:.0f} | "
+            f"| {side} | {figures['seconds_per_epoch']:.2f} | {figures['tokens_per_second']:.0f} | {tflops} | "
             f"{figures['peak_memory_mib']:.0f} | {figures['training_memory_mib']:.0f} | "
             f"{figures['final_train_loss']:.4f} ± {figures['final_train_loss_stdev']:.4f} |"
         )
@@ -300,12 +445,20 @@ def write_report(args, runs: dict[str, list[dict]], command: str) -> None:
                 f"{a['training_memory_mib'] / b['training_memory_mib']:.2f} | "
                 f"{a['final_train_loss'] / b['final_train_loss']:.3f} |"
             )
-    report = "\n".join(lines) + "\n"
+    write_files(args, f"train-{name}", "\n".join(lines) + "\n", {"command": command, "results": results})
+
+
+def write_files(args, name: str, report: str, data: dict) -> None:
     print(report)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"{name}.md").write_text(report)
-    (output_dir / f"{name}.json").write_text(json.dumps({"command": command, "results": results}, indent=2) + "\n")
+    (output_dir / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {device}; torch {torch.__version__}; {versions()}"
 
 
 def versions() -> str:

@@ -19,7 +19,7 @@ def test_bench_train_reports_every_side(tmp_path):
     assert list(results) == ["ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop"]
     for figures in results.values():
         assert figures["seconds_per_epoch"] > 0 and figures["peak_memory_mib"] > 0
-        assert len(figures["runs"]) == 1  # one seed
+        assert len(figures["runs"]) == 1 and figures["model_tflops_per_second"] > 0  # one seed
     # Gradient checkpointing recomputes, it does not change the result: the same prompt, the same loss;
     # micro-batches give the same gradient up to the order of the sums.
     assert results["ours-checkpointed"]["final_train_loss"] == results["ours"]["final_train_loss"]
@@ -27,6 +27,16 @@ def test_bench_train_reports_every_side(tmp_path):
     # Same init, rows and schedule (other batch order): the trained prompts reach nearly the same loss.
     assert abs(results["ours"]["final_train_loss"] / results["peft-loop"]["final_train_loss"] - 1) < 0.05
     assert "| peft-trainer |" in (tmp_path / "train-tiny-bloom-fp32.md").read_text()
+
+
+def test_bench_train_finds_the_largest_batch_up_to_the_limit(tmp_path):
+    run("bench_train.py", tmp_path, "--num-virtual-tokens", "4", "--sides", "ours", "peft-trainer",
+        "--largest-batch", "--batch-size", "4", "--batch-limit", "8")
+    results = json.loads((tmp_path / "largest-batch-tiny-bloom-fp32-b4.json").read_text())["results"]
+    assert list(results) == ["ours", "peft-trainer"]
+    for found in results.values():  # nothing runs out of memory here: both sizes train, the limit stops it
+        assert [entry["batch_size"] for entry in found["tried"]] == [4, 8]
+        assert found["largest"] == 8 and found["reached_limit"]
 
 
 def test_bench_infer_generation_agrees_with_peft_uncached(tmp_path):

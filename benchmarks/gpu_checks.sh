@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The CUDA figures of the speed work, in one run on a lent GPU (planned for an H200 at under 10
+# minutes): the CUDA paths of the tests, then bench_train on the bloomz-560m architecture with random
+# weights in bf16 (autocast on every side; then ours with bf16 weights, and with BLOOM's SDPA
+# attention), at batch 8 and 32, with model-FLOPs utilisation, then the largest batch each side
+# trains on. Reports go to $OUT (the
+# device tool's folder) or benchmarks/results.
+#
+#   TOKENIZER=DIR DATA=ethos_binary_train.jsonl bash benchmarks/gpu_checks.sh
+#
+# TOKENIZER: a tokenizer folder (SmolLM2's: a few MB; the model has bloomz-560m's 250,880 ids, so
+# any tokenizer with fewer fits); DATA: the ETHOS train rows (both must travel inside the checkout,
+# e.g. in a folder that .git/info/exclude ignores, named in `carry`). The machine must have torch
+# with CUDA, transformers 5, peft, datasets and psutil (carry missing ones as wheels).
+# ARCH=tiny-bloom runs the same steps in seconds (how it is checked without a GPU).
+set -euo pipefail
+: "${TOKENIZER:?set TOKENIZER to a tokenizer folder}" "${DATA:?set DATA to an ETHOS-shaped .jsonl}"
+ARCH=${ARCH:-bloomz-560m}
+PEAK_TFLOPS=${PEAK_TFLOPS:-790}  # a dense bf16 8192^3 matmul on this workplace's H200 (device KINDS.md)
+RESULTS=${OUT:-benchmarks/results}
+ROWS=${ROWS:-160}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+python3 -m pytest -q tests/test_train.py tests/test_speed_options.py tests/test_loss.py 2>&1 | tail -3
+
+common=(--arch "$ARCH" --tokenizer "$TOKENIZER" --data "$DATA" --rows "$ROWS" --precision bf16
+        --peak-tflops "$PEAK_TFLOPS" --output-dir "$RESULTS")
+# Every side under bf16 autocast; then ours alone with each GPU lever added: bf16 weights, SDPA.
+python3 benchmarks/bench_train.py "${common[@]}"
+python3 benchmarks/bench_train.py "${common[@]}" --sides ours --ours-model-dtype
+python3 benchmarks/bench_train.py "${common[@]}" --sides ours --ours-model-dtype --ours-attention sdpa
+python3 benchmarks/bench_train.py "${common[@]}" --sides ours peft-trainer --batch-size 32
+python3 benchmarks/bench_train.py "${common[@]}" --sides ours ours-micro-batches peft-trainer \
+    --largest-batch --batch-limit "${BATCH_LIMIT:-1024}"

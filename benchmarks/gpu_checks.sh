@@ -3,8 +3,8 @@
 # minutes): the CUDA paths of the tests, then bench_train on the bloomz-560m architecture with random
 # weights in bf16 (autocast on every side; then ours with bf16 weights, and with BLOOM's SDPA
 # attention), at batch 8 and 32, with model-FLOPs utilisation, then the largest batch each side
-# trains on. Reports go to $OUT (the
-# device tool's folder) or benchmarks/results.
+# trains on. Reports go to benchmarks/results,
+# and as one archive to $OUT when it is set (the device tool brings back at most 8 files).
 #
 #   TOKENIZER=DIR DATA=ethos_binary_train.jsonl bash benchmarks/gpu_checks.sh
 #
@@ -17,7 +17,7 @@ set -euo pipefail
 : "${TOKENIZER:?set TOKENIZER to a tokenizer folder}" "${DATA:?set DATA to an ETHOS-shaped .jsonl}"
 ARCH=${ARCH:-bloomz-560m}
 PEAK_TFLOPS=${PEAK_TFLOPS:-790}  # a dense bf16 8192^3 matmul on this workplace's H200 (device KINDS.md)
-RESULTS=${OUT:-benchmarks/results}
+RESULTS=benchmarks/results
 ROWS=${ROWS:-160}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
@@ -33,3 +33,4 @@ python3 benchmarks/bench_train.py "${common[@]}" --sides ours --ours-model-dtype
 python3 benchmarks/bench_train.py "${common[@]}" --sides ours peft-trainer --batch-size 32
 python3 benchmarks/bench_train.py "${common[@]}" --sides ours ours-micro-batches peft-trainer \
     --largest-batch --batch-limit "${BATCH_LIMIT:-1024}"
+if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu-results.tgz" "$RESULTS"; fi

@@ -184,7 +184,7 @@ def final_loss(model_dir: str, prompt: torch.Tensor, tokenizer, token_rows: list
     (the frozen model's own loss, fp32, eval mode): what each side's training reached."""
     from soft_prompt import SoftPromptModel
     from soft_prompt.model import load_base_model
-    from soft_prompt.training import Example, collate
+    from soft_prompt.data import Example, collate
 
     model = SoftPromptModel(load_base_model(model_dir)[0], num_virtual_tokens=prompt.shape[0], seed=0)
     model.prompt.weight.copy_(prompt)
@@ -203,7 +203,8 @@ def run_side(args) -> dict:
     if args.largest_batch:
         return {"side": args.side, "tried": largest_batch(args)}
     rows, template = load_rows(args.data, args.rows)
-    tokenizer, token_rows = tokenise(args, rows, template)
+    tokenizer = load_tokenizer(args.model)
+    token_rows = tokenised_rows(tokenizer, rows, template, args.max_length)
     result, seconds, memory = train_once(args, rows, template, tokenizer, token_rows)
     # Model FLOPs of the training loop: about 4 x parameters per position (the forward, and the
     # backward's activation-gradient half; the frozen weights get no gradient), over the real and
@@ -221,13 +222,13 @@ def run_side(args) -> dict:
     }
 
 
-def tokenise(args, rows: list[dict], template: str) -> tuple:
+def load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, tokenised_rows(tokenizer, rows, template, args.max_length)
+    return tokenizer
 
 
 def train_once(args, rows: list[dict], template: str, tokenizer, token_rows: list[list[int]]) -> tuple[dict, float, PeakMemory]:
@@ -250,11 +251,10 @@ def train_once(args, rows: list[dict], template: str, tokenizer, token_rows: lis
 def largest_batch(args) -> list[dict]:
     """The batch doubled from --batch-size, one optimizer step on that many of the longest rows,
     until the side runs out of memory or passes --batch-limit."""
-    tried = []
+    tried, tokenizer = [], load_tokenizer(args.model)
     while args.batch_size <= args.batch_limit:
-        args.rows = args.batch_size
-        rows, template = load_rows(args.data, args.rows, longest=True)
-        tokenizer, token_rows = tokenise(args, rows, template)
+        rows, template = load_rows(args.data, args.batch_size, longest=True)
+        token_rows = tokenised_rows(tokenizer, rows, template, args.max_length)
         try:
             memory = train_once(args, rows, template, tokenizer, token_rows)[2]
             tried.append({"batch_size": args.batch_size, "peak_memory_mib": memory.peak / 2**20})

@@ -327,7 +327,7 @@ def forward_rows(setup: Setup) -> list[Row]:
 
 def shipped_config(setup: Setup, data_path: Path, output_dir: Path):
     """The train() configuration of row 3: the script's rows, model and optimiser settings, one
-    micro-batch per step (so no averaging over accumulation), every step logged, fp32 on the CPU."""
+    batch per step (no accumulation), every step logged, fp32 on the CPU."""
     args = setup.args
     return resolve_config({
         "model": setup.model_dir, "data": str(data_path), "template": setup.template, "max_length": args.max_length,
@@ -340,7 +340,7 @@ def shipped_config(setup: Setup, data_path: Path, output_dir: Path):
 
 
 def shipped_batches(setup: Setup, config) -> list[list[Example]]:
-    """The micro-batches train() takes, in its order: its own rows and tokenisation
+    """The batches train() takes, in its order: its own rows and tokenisation
     (load_data_rows, tokenize_data), then data.batch_order for epoch 0, 1, ... until `steps`."""
     examples, _ = tokenize_data(config, setup.tokenizer, *load_data_rows(config))
     lengths = [len(example.input_ids) for example in examples]

@@ -20,7 +20,6 @@ from .data import template_fields
 from .model import SoftPromptModel, load_base_model, truncate_left
 
 
-
 class InferenceError(ValueError):
     """Bad input to inference (file, flags, labels); the message says what to change."""
 

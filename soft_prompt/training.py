@@ -523,6 +523,7 @@ def train(config: TrainConfig) -> dict:
                 break
     progress.close()
     tokens_seen += window_tokens
+    train_seconds = time.perf_counter() - loop_started  # the loop alone: no loading, no setup
 
     summary = {
         "steps": state["step"],
@@ -531,8 +532,8 @@ def train(config: TrainConfig) -> dict:
         "best_eval_loss": state["best_eval_loss"],
         "skipped_steps": state["skipped_steps"],
         "seconds": time.perf_counter() - started,
-        "train_seconds": time.perf_counter() - loop_started,  # the loop alone: no loading, no setup
-        "tokens_per_s": tokens_seen / max(time.perf_counter() - loop_started, 1e-9),
+        "train_seconds": train_seconds,
+        "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
         "peak_memory_mib": peak_memory_mib(device),
         "interrupted": interrupted,
         "output_dir": str(output_dir),

@@ -34,7 +34,7 @@ def gpt2_dir(tmp_path_factory) -> str:
 
 
 def args(model: str, data: str, output_dir, *extra: str) -> list[str]:
-    # 30 train rows in micro-batches of 4, 2 per step: 4 steps an epoch, 8 in all.
+    # 30 train rows in batches of 4, 2 per step: 4 steps an epoch, 8 in all.
     return [
         "--model", model, "--data", data, "--template", HATE, "--output-dir", str(output_dir),
         "--batch-size", "4", "--grad-accum", "2", "--epochs", "2", "--val-fraction", "0.25",

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError
 from .data import template_fields
-from .model import SoftPromptModel, load_base_model, truncate_left
+from .model import SoftPromptModel, load_base_model
+from .scoring import truncate_left
 
 
 class InferenceError(ValueError):

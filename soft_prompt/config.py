@@ -215,7 +215,7 @@ def validate(config: TrainConfig) -> None:
             f"--val-fraction {data.val_fraction} and --eval-data both give evaluation rows: "
             "drop --eval-data, or pass --val-fraction 0"
         )
-    if data.label_words is not None:
+    if data.label_words:  # [] (only from Python) records no label words
         check_label_words(data.label_words, "--label-words")
 
 

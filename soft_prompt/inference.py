@@ -137,6 +137,15 @@ def write_output(path: str, text: str) -> None:
         raise InferenceError(f"cannot write {path}: {error.strerror or error}") from None
 
 
+def check_room(model: SoftPromptModel, max_new_tokens: int) -> None:
+    """The virtual tokens and `max_new_tokens` must leave the input at least one position."""
+    if model.context_length is not None and model.num_virtual_tokens + max_new_tokens >= model.context_length:
+        raise InferenceError(
+            f"--max-new-tokens {max_new_tokens} and the prompt's {model.num_virtual_tokens} virtual tokens leave no room "
+            f"for the input in the model's context of {model.context_length} positions: lower --max-new-tokens"
+        )
+
+
 def generation_text(row: str | dict) -> str:
     """The text to continue: a line, or a .jsonl row's "input" (else "text") field."""
     if isinstance(row, str):
@@ -282,6 +291,8 @@ def run(options: argparse.Namespace) -> None:
     if options.seed is not None:
         torch.manual_seed(options.seed)
     model = load_model(options.model, options.checkpoint, options.precision, options.device, options.strict)
+    if not classifying:
+        check_room(model, options.max_new_tokens)
     if classifying:
         records, report = classify_command(model, rows, options)
     else:

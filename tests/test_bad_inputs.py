@@ -100,6 +100,7 @@ def edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
+NEEDS_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the row is about a machine without CUDA")
 STATE = "last/training_state"
 TRAIN_ROWS = [
     # flags: argparse and config.validate
@@ -143,6 +144,7 @@ TRAIN_ROWS = [
     (["--model", "nobody/no-such-model"], None, 2, "pass a local model folder with --model"),
     (["--model", "@a-file"], None, 2, "is a file: pass a model folder"),
     (["--model", "@TRUNCATED_MODEL"], None, 2, "cannot load a causal LM from folder"),
+    pytest.param(["--device", "cuda"], None, 2, "--device cuda, but torch sees no CUDA device", marks=NEEDS_NO_CUDA),
     (["--output-dir", "@a-file"], None, 2, "a-file is a file, not a folder"),
     (["--output-dir", "@a-file/run"], None, 2, "a-file is a file, not a folder"),
     (["--attention", "sdpa", "--model", "@GPT2"], None, 2, "--attention sdpa is for BLOOM"),
@@ -230,11 +232,14 @@ def checkpoints(bloom_dir, tmp_path_factory) -> dict[str, str]:
     cut(save("CORRUPT") / "adapter_model.safetensors", 30)
     (save("BINARY_META") / "soft_prompt.json").write_bytes(bytes(range(128, 256)))
     (save("LIST_META") / "soft_prompt.json").write_text("[]")
+    llama = save_tiny_model(directory / "llama", "llama")  # 256 positions (BLOOM has no limit)
+    save("LLAMA_CKPT", SoftPromptModel(load(llama)[0], num_virtual_tokens=4, seed=0))
     nan = SoftPromptModel(model, num_virtual_tokens=2, seed=0)
     with torch.no_grad():
         nan.prompt.weight[0, 0] = float("nan")
     save("NAN", nan)
-    return {name: str(directory / name) for name in ("CKPT", "ONE_LABEL", "WIDE", "CORRUPT", "BINARY_META", "LIST_META", "NAN")}
+    names = ("CKPT", "ONE_LABEL", "WIDE", "CORRUPT", "BINARY_META", "LIST_META", "NAN", "LLAMA_CKPT")
+    return {"LLAMA": llama} | {name: str(directory / name) for name in names}
 
 
 PARSE, RUN = "infer.py: error: ", "error: "  # refused while parsing the flags; refused by run()
@@ -252,6 +257,7 @@ INFER_ROWS = [
     (["--repetition-penalty", "0"], PARSE, 2, "--repetition-penalty must be positive"),
     (["--precision", "fp8"], PARSE, 2, "argument --precision: invalid choice: 'fp8'"),
     (["--device", "gpu0"], PARSE, 2, "--device gpu0 is not a device"),
+    pytest.param(["--device", "cuda"], PARSE, 2, "--device cuda, but torch sees no CUDA device", marks=NEEDS_NO_CUDA),
     (["--classify", "--labels", "hate speech,no hate speech"], PARSE, 2,
      "classifying needs at least 2; one word per argument: --labels \"hate speech\" \"no hate speech\""),
     (["--classify", "--labels", "yes", "yes"], PARSE, 2, "--labels repeats a label word"),
@@ -269,6 +275,8 @@ INFER_ROWS = [
     (["--checkpoint", "@LIST_META"], RUN, 2, "soft_prompt.json holds a JSON list, not an object"),
     (["--checkpoint", "@NAN"], RUN, 2, "holds NaN or infinite values"),
     (["--model", "nobody/no-such-model"], RUN, 2, "pass a local model folder with --model"),
+    (["--model", "@LLAMA", "--checkpoint", "@LLAMA_CKPT", "--max-new-tokens", "300"], RUN, 2,
+     "--max-new-tokens 300 and the prompt's 4 virtual tokens leave no room for the input in the model's context of 256"),
     (["--checkpoint", "@ONE_LABEL", "--classify"], RUN, 2,
      "the checkpoint's label_words: 1 label word ['hate speech'], classifying needs at least 2"),
     # input files
@@ -296,7 +304,7 @@ INFER_ROWS = [
 @pytest.mark.parametrize("extra, prefix, code, phrase", INFER_ROWS)
 def test_infer_bad_input(extra, prefix, code, phrase, bloom_dir, checkpoints, files, tmp_path, capsys):
     markers = {"--NO-MODEL", "--NO-INPUT"}  # leave out --model, or the default --input
-    base = [] if "--NO-MODEL" in extra else ["--model", bloom_dir]
+    base = [] if "--NO-MODEL" in extra or "--model" in extra else ["--model", bloom_dir]
     base += [] if "--checkpoint" in extra else ["--checkpoint", "@CKPT"]
     base += [] if "--NO-INPUT" in extra else ["--input", "hi"]
     names = {**checkpoints, "OUT_DIR": tmp_path, "NEW_OUT": tmp_path / "new/folder/out.jsonl", "same.json": tmp_path / "same.json"}

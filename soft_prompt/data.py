@@ -309,6 +309,17 @@ def tokenize_rows(
     return examples, stats
 
 
+def check_fits_context(examples: list[Example], num_virtual_tokens: int, context_length: int | None) -> None:
+    """Every row after the virtual tokens must fit the model's positions (None: no limit, as
+    BLOOM's ALiBi), or the forward fails on the first long row, maybe hours into the run."""
+    longest = max((len(example.input_ids) for example in examples), default=0)
+    if context_length is not None and longest + num_virtual_tokens > context_length:
+        raise ValueError(
+            f"rows of up to {longest} tokens after {num_virtual_tokens} virtual tokens exceed the model's context of "
+            f"{context_length} positions: pass --max-length {context_length - num_virtual_tokens} or less"
+        )
+
+
 # -- batching -----------------------------------------------------------------------------------
 
 

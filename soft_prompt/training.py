@@ -37,6 +37,7 @@ from .data import (
     IGNORE_INDEX,
     Example,
     batch_order,
+    check_fits_context,
     check_template_columns,
     collate,
     label_words_of,
@@ -408,6 +409,7 @@ def train(config: TrainConfig) -> dict:
         seed=run.seed,
         metadata=metadata,
     )
+    check_fits_context(train_examples + eval_examples, prompt_cfg.num_virtual_tokens, model.context_length)
     metrics_path = output_dir / "metrics.jsonl"
     if resume_dir:
         weight, saved = load_checkpoint(resume_dir, base_model)

@@ -49,6 +49,7 @@ def files(tmp_path_factory) -> Path:
         "no-label.jsonl": jsonl([{"text": "a"}]),
         "other-labels.jsonl": jsonl([{"text": "a", "label_text": "spam"}]),
         "a-file": "",
+        "long.jsonl": jsonl([{"text": "the cat is lovely " * 100, "label_text": "hate speech"}] * 8),
     }
     for name, content in contents.items():
         (directory / name).write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -148,6 +149,8 @@ TRAIN_ROWS = [
     (["--output-dir", "@a-file"], None, 2, "a-file is a file, not a folder"),
     (["--output-dir", "@a-file/run"], None, 2, "a-file is a file, not a folder"),
     (["--attention", "sdpa", "--model", "@GPT2"], None, 2, "--attention sdpa is for BLOOM"),
+    (["--model", "@GPT2", "--data", "@long.jsonl"], None, 2,
+     "rows of up to 256 tokens after 4 virtual tokens exceed the model's context of 256 positions: pass --max-length 252"),
     # resume: the folder and its state
     (["--resume", "@nowhere"], None, 2, "no training_state.json there"),
     (["--resume", "@RUN", "--num-virtual-tokens", "3"], None, 2, "--num-virtual-tokens 4; this run asks for"),

@@ -102,8 +102,13 @@ def check_options(options: argparse.Namespace) -> None:
             raise InferenceError(str(error)) from None
     if options.device is not None:
         check_device(options.device)
-    if options.output and options.eval and Path(options.output).resolve() == Path(options.metrics).resolve():
-        raise InferenceError(f"--output and --metrics are the same file {options.output}: give two names")
+    files = [("--input-file", options.input_file), ("--eval", options.eval), ("--output", options.output),
+             ("--metrics", options.metrics if options.eval else None)]
+    files = [(flag, Path(path).resolve()) for flag, path in files if path]
+    for index, (flag, path) in enumerate(files):  # an output must not overwrite an input or the other output
+        for other_flag, other in files[index + 1 :]:
+            if path == other:
+                raise InferenceError(f"{flag} and {other_flag} are the same file {path}: give each its own")
 
 
 def check_device(name: str) -> None:

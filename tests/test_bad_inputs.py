@@ -269,6 +269,8 @@ INFER_ROWS = [
     (["--eval", "@rows.jsonl"], PARSE, 2, "--eval reads its inputs from the labelled file"),
     (["--eval", "@rows.jsonl", "--output", "@same.json", "--metrics", "@same.json", "--NO-INPUT"], PARSE, 2,
      "--output and --metrics are the same file"),
+    (["--input-file", "@rows.txt", "--output", "@rows.txt", "--NO-INPUT"], PARSE, 2,
+     "--input-file and --output are the same file"),
     (["--NO-INPUT"], PARSE, 2, "no input: give --input TEXT, --input-file FILE or --eval FILE"),
     # checkpoints and the model
     (["--checkpoint", "@missing"], RUN, 2, "missing does not exist"),

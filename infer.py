@@ -14,7 +14,11 @@ import warnings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """The options; a bad flag, value or combination ends here with one line and exit code 2."""
+    from soft_prompt.config import OneLineParser
+    from soft_prompt.inference import InferenceError, check_options
+
+    parser = OneLineParser(prog="infer.py", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="the frozen base model: hub id or folder")
     parser.add_argument("--checkpoint", required=True, help="a soft-prompt (or PEFT prompt-tuning) checkpoint directory")
     parser.add_argument("--input", action="append", help="a text; repeat for several")
@@ -44,7 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     classification.add_argument("--eval", help="a labelled .jsonl (the template's fields): accuracy, macro-F1, confusion "
                                 "matrix, tuned and base; implies --classify")
     classification.add_argument("--metrics", default="eval_metrics.json", help="where --eval writes its figures as JSON")
-    return parser.parse_args(argv)
+    options = parser.parse_args(argv)
+    try:
+        check_options(options)
+    except InferenceError as error:
+        parser.error(str(error))
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:

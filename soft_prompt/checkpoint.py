@@ -55,6 +55,19 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def check_output_folder(directory: str | os.PathLike, what: str) -> None:
+    """Refuse, before any work and creating nothing, a folder that cannot be written: a file
+    where it or a parent folder would be, or no permission to write where it would be created.
+    `what` starts the one-line ValueError, e.g. "--output-dir runs/x"."""
+    existing = Path(directory)
+    while not existing.exists():  # ends at "." or "/" at the latest
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: no permission to write in {existing}")
+
+
 def write_directory_atomic(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
     """Replace `directory` by one holding exactly `files`, never leaving a half-written mix."""
     directory = Path(directory)
@@ -139,10 +152,15 @@ def json_bytes(obj: dict) -> bytes:
 
 
 def read_json(path: Path) -> dict:
+    """A checkpoint's JSON object; anything else (unreadable, not UTF-8, not JSON, not an object)
+    is a one-line CheckpointError."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
         raise CheckpointError(f"{path} is not readable JSON ({error}): the checkpoint is corrupt") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object: the checkpoint is corrupt")
+    return value
 
 
 def load_checkpoint(directory: str | os.PathLike, base_model: torch.nn.Module) -> tuple[torch.Tensor, dict]:
@@ -166,8 +184,9 @@ def load_checkpoint(directory: str | os.PathLike, base_model: torch.nn.Module) -
             raise CheckpointError(f"{directory / LEGACY_WEIGHTS_NAME} is truncated or corrupt ({error})") from None
     else:
         raise CheckpointError(f"{directory} has no {WEIGHTS_NAME}: not a soft-prompt or PEFT checkpoint")
-    if PROMPT_KEY not in tensors:
-        raise CheckpointError(f"{directory / WEIGHTS_NAME} has no {PROMPT_KEY!r} tensor (found {sorted(tensors)})")
+    if not isinstance(tensors, dict) or not isinstance(tensors.get(PROMPT_KEY), torch.Tensor):
+        found = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
+        raise CheckpointError(f"{directory} has no {PROMPT_KEY!r} tensor (found {found})")
     weight = tensors[PROMPT_KEY].to(torch.float32)
 
     adapter_config = read_json(directory / CONFIG_NAME) if (directory / CONFIG_NAME).is_file() else {}
@@ -188,8 +207,10 @@ def load_checkpoint(directory: str | os.PathLike, base_model: torch.nn.Module) -
             "base_model_name_or_path": adapter_config.get("base_model_name_or_path"),
             "source": "peft",
         }
-    if weight.ndim != 2:
+    if weight.ndim != 2 or weight.shape[0] == 0:
         raise CheckpointError(f"{PROMPT_KEY} must be [num_virtual_tokens, embed_dim], got {list(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise CheckpointError(f"{directory / WEIGHTS_NAME} holds NaN or infinite values: the prompt is unusable")
     embed_dim = base_model.get_input_embeddings().embedding_dim
     if weight.shape[1] != embed_dim:
         raise CheckpointError(

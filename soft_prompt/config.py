@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
+from .data import check_label_words, template_fields
 from .embedding import INIT_STRATEGIES, TEXT_FILLS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -200,8 +202,21 @@ def validate(config: TrainConfig) -> None:
     for name, value in not_negative.items():
         if value < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {value}")
-    if optim.lr <= 0:
+    if not optim.lr > 0:
         raise ValueError(f"--lr must be positive, got {optim.lr}")
+    for name, value in {"lr": optim.lr, "weight_decay": optim.weight_decay, "max_grad_norm": optim.max_grad_norm}.items():
+        if not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if prompt.vocab_size is not None and prompt.vocab_size < 1:
+        raise ValueError(f"--vocab-size must be at least 1, got {prompt.vocab_size}")
+    template_fields(data.template)  # a malformed template fails here, before anything is loaded
+    if data.val_fraction > 0 and data.eval_data is not None:
+        raise ValueError(
+            f"--val-fraction {data.val_fraction} and --eval-data both give evaluation rows: "
+            "drop --eval-data, or pass --val-fraction 0"
+        )
+    if data.label_words:  # [] (only from Python) records no label words
+        check_label_words(data.label_words, "--label-words")
 
 
 class OneLineParser(argparse.ArgumentParser):

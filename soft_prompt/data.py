@@ -10,6 +10,8 @@ with -100 where no loss is taken; batches are padded on the right to their own l
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
 import string
 from dataclasses import dataclass
@@ -70,29 +72,139 @@ def split_template(template: str, row: dict) -> tuple[str, str]:
 # -- loading -----------------------------------------------------------------------------------
 
 
+def read_text(path: str | Path) -> str:
+    """A text file's contents (UTF-8, an optional BOM dropped). A file that cannot be read, is not
+    UTF-8 or holds NUL bytes (a binary file) is a one-line ValueError naming it and the line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}): save the file as UTF-8"
+        ) from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ValueError(f"{path}:{line}: a NUL byte: this is a binary file, not text")
+    return text
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a text file (see `read_text`), split on newlines only: a JSON string may hold
+    U+2028 and other characters `str.splitlines` would split on."""
+    return [line.removesuffix("\r") for line in read_text(path).split("\n")]
+
+
+def read_json_lines(path: str | Path) -> list[dict]:
+    """One JSON object per line (blank lines skipped); a line that is not a JSON object is a
+    one-line ValueError naming the file and the line."""
+    rows = []
+    for number, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg}, column {error.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"{path}:{number}: a JSON {type(row).__name__} where each line must be an object "
+                '{"column": value, ...}'
+            )
+        rows.append(row)
+    return rows
+
+
+def read_json_file(path: Path) -> list[dict]:
+    """A .json file: one array of objects, or one object a line (as a .jsonl)."""
+    text = read_text(path)
+    if not text.lstrip().startswith("["):
+        return read_json_lines(path)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: not JSON ({error.msg}, column {error.colno})") from None
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: item {index} of the array is a JSON {type(row).__name__}, not an object")
+    return rows
+
+
+def same_columns(rows: list[dict]) -> list[dict]:
+    """Every row with every column (in order of first appearance), None where a row lacks one,
+    as `datasets` gives them."""
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    return [{name: row.get(name) for name in columns} for row in rows]
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """`datasets` logs a failed file read before it raises; the raised error is reported instead."""
+    import datasets
+
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def datasets_error(error: Exception) -> str:
+    """The first line of what `datasets` raised, or of its cause (it wraps parse errors)."""
+    for candidate in (error.__cause__, error):
+        if candidate is not None and str(candidate).strip():
+            return str(candidate).strip().splitlines()[0]
+    return type(error).__name__
+
+
 def load_rows(source: str, split: str = "train") -> list[dict]:
     """The rows of a local `.jsonl`/`.json`/`.csv`/`.parquet` file (all of it), a local data-set
-    folder (`split` of it) or a hub data set (`split` of it), loaded through `datasets`."""
+    folder (`split` of it) or a hub data set (`split` of it).
+
+    JSON is read here, line by line, so an error names its line; CSV (checked to be UTF-8 text
+    first) and Parquet, folders and hub data go through `datasets`. Anything that cannot be read
+    is a one-line ValueError (FileNotFoundError for a missing file) naming the source.
+    """
     import datasets
 
     path = Path(source)
-    if path.suffix.lower() in DATA_FILE_BUILDERS:
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        try:
+            with quiet_datasets():
+                return datasets.load_dataset(str(path), split=split).to_list()
+        except Exception as error:  # datasets raises many types for a bad folder
+            raise ValueError(f"cannot load split {split!r} of data folder {source} ({datasets_error(error)})") from None
+    if suffix in DATA_FILE_BUILDERS:
         if not path.is_file():
             raise FileNotFoundError(f"data file {source} does not exist")
-        dataset = datasets.load_dataset(DATA_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
-    elif path.is_file():
-        raise ValueError(f"data file {source} is not .jsonl, .json, .csv or .parquet")
-    elif path.is_dir():
-        dataset = datasets.load_dataset(str(path), split=split)
-    else:
+        if suffix == ".jsonl":
+            return same_columns(read_json_lines(path))
+        if suffix == ".json":
+            return same_columns(read_json_file(path))
+        if suffix == ".csv":
+            read_text(path)  # an encoding error names its line; datasets would not
         try:
+            with quiet_datasets():
+                dataset = datasets.load_dataset(DATA_FILE_BUILDERS[suffix], data_files=str(path), split="train")
+        except Exception as error:  # datasets raises many types for a bad file
+            raise ValueError(f"cannot read {source} as {suffix[1:].upper()} ({datasets_error(error)})") from None
+        return dataset.to_list()
+    if path.is_file():
+        raise ValueError(f"data file {source} is not .jsonl, .json, .csv or .parquet")
+    try:
+        with quiet_datasets():
             dataset = datasets.load_dataset(source, split=split)
-        except Exception as error:  # offline, unknown name, missing split: all mean "use a local copy"
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(
-                f"could not load data set {source!r} (split {split!r}) from the hub ({reason}): "
-                "pass a local .jsonl/.json/.csv/.parquet file or folder with --data"
-            ) from None
+    except Exception as error:  # offline, unknown name, missing split: all mean "use a local copy"
+        raise ValueError(
+            f"could not load data set {source!r} (split {split!r}) from the hub ({datasets_error(error)}): "
+            "pass a local .jsonl/.json/.csv/.parquet file or folder with --data"
+        ) from None
     return dataset.to_list()
 
 
@@ -123,6 +235,20 @@ def label_words_of(template: str, rows: list[dict]) -> list[str] | None:
     last = template_fields(template)[-1]
     values = sorted({str(row[last]) for row in rows})
     return values if 0 < len(values) <= MAX_LABEL_WORDS else None
+
+
+def check_label_words(words: list[str], source: str) -> None:
+    """At least two distinct, non-empty label words (classifying with one always answers it); the
+    usual slip is one argument with commas, `--labels "a,b"`. `source` starts the ValueError."""
+    if len(words) < 2:
+        hint = ""
+        if source.startswith("--") and words and "," in words[0]:
+            hint = f"; one word per argument: {source} " + " ".join(f'"{word.strip()}"' for word in words[0].split(","))
+        raise ValueError(f"{source}: {len(words)} label word {words}, classifying needs at least 2{hint}")
+    if not all(isinstance(word, str) and word.strip() for word in words):
+        raise ValueError(f"{source}: label words must be non-empty text, got {words}")
+    if len(set(words)) < len(words):
+        raise ValueError(f"{source} repeats a label word: {words}")
 
 
 # -- tokenisation -------------------------------------------------------------------------------
@@ -181,6 +307,17 @@ def tokenize_rows(
             continue
         examples.append(example)
     return examples, stats
+
+
+def check_fits_context(examples: list[Example], num_virtual_tokens: int, context_length: int | None) -> None:
+    """Every row after the virtual tokens must fit the model's positions (None: no limit, as
+    BLOOM's ALiBi), or the forward fails on the first long row, maybe hours into the run."""
+    longest = max((len(example.input_ids) for example in examples), default=0)
+    if context_length is not None and longest + num_virtual_tokens > context_length:
+        raise ValueError(
+            f"rows of up to {longest} tokens after {num_virtual_tokens} virtual tokens exceed the model's context of "
+            f"{context_length} positions: pass --max-length {context_length - num_virtual_tokens} or less"
+        )
 
 
 # -- batching -----------------------------------------------------------------------------------

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
-from .data import template_fields
+from .checkpoint import CheckpointError, check_output_folder, write_atomic
+from .data import check_label_words, read_json_lines, read_lines, template_fields
 from .model import SoftPromptModel, load_base_model
 from .scoring import truncate_left
 
@@ -57,28 +58,97 @@ def same_model_name(a: str, b: str) -> bool:
 
 
 def read_inputs(path: str | Path) -> list[str | dict]:
-    """Inputs from a file: the non-blank lines of a .txt, or one JSON object per line of a .jsonl."""
+    """Inputs from a file: the non-blank lines of a .txt, or one JSON object per line of a .jsonl.
+    A file that cannot be read, is not UTF-8 or has a line that is not a JSON object is an
+    `InferenceError` naming the file and the line."""
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise InferenceError(f"{path}: input files must be .txt (one input a line) or .jsonl (one object a line)")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise InferenceError(f"cannot read {path}: {error.strerror}") from None
-    if path.suffix == ".txt":
-        return [line for line in lines if line.strip()]
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+        if path.suffix == ".txt":
+            return [line for line in read_lines(path) if line.strip()]
+        return read_json_lines(path)
+    except ValueError as error:
+        raise InferenceError(str(error)) from None
+
+
+def check_options(options: argparse.Namespace) -> None:
+    """An `InferenceError` for a flag out of range or flags that do not go together, so that
+    `infer.py` refuses them at parse time, before anything is loaded."""
+    at_least = {"--max-new-tokens": (options.max_new_tokens, 1), "--batch-size": (options.batch_size, 1),
+                "--num-beams": (options.num_beams, 1), "--top-k": (options.top_k, 0)}
+    for flag, (value, minimum) in at_least.items():
+        if value < minimum:
+            raise InferenceError(f"{flag} must be at least {minimum}, got {value}")
+    if not options.repetition_penalty > 0:
+        raise InferenceError(f"--repetition-penalty must be positive (1: no penalty), got {options.repetition_penalty}")
+    if not 0 < options.top_p <= 1:
+        raise InferenceError(f"--top-p must be in (0, 1], got {options.top_p}")
+    if options.do_sample and not (options.temperature > 0 and math.isfinite(options.temperature)):
+        raise InferenceError(
+            f"--do-sample needs a positive --temperature, got {options.temperature} (for greedy decoding drop --do-sample)"
+        )
+    if not (options.input or options.input_file or options.eval):
+        raise InferenceError("no input: give --input TEXT, --input-file FILE or --eval FILE")
+    if options.eval is not None and (options.input or options.input_file):
+        raise InferenceError("--eval reads its inputs from the labelled file: drop --input/--input-file")
+    classifying = options.classify or options.eval is not None
+    if not classifying and (options.labels or options.template):
+        raise InferenceError("--labels and --template are for classification: add --classify (or --eval FILE)")
+    if options.labels is not None:
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InferenceError(f"{path}:{number} is not JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise InferenceError(f"{path}:{number} is not a JSON object")
-        rows.append(row)
-    return rows
+            check_label_words(options.labels, "--labels")
+        except ValueError as error:
+            raise InferenceError(str(error)) from None
+    if options.device is not None:
+        check_device(options.device)
+    files = [("--input-file", options.input_file), ("--eval", options.eval), ("--output", options.output),
+             ("--metrics", options.metrics if options.eval else None)]
+    files = [(flag, Path(path).resolve()) for flag, path in files if path]
+    for index, (flag, path) in enumerate(files):  # an output must not overwrite an input or the other output
+        for other_flag, other in files[index + 1 :]:
+            if path == other:
+                raise InferenceError(f"{flag} and {other_flag} are the same file {path}: give each its own")
+
+
+def check_device(name: str) -> None:
+    """A device torch knows and this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InferenceError(f"--device {name} is not a device: pass cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"--device {name}, but torch sees no CUDA device: pass --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InferenceError(f"--device {name}, but torch sees no MPS device: pass --device cpu")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse an output path that is a folder or cannot be created, before any work."""
+    if Path(path).is_dir():
+        raise InferenceError(f"{flag} {path} is a folder: give a file name")
+    try:
+        check_output_folder(Path(path).parent, f"{flag} {path}")
+    except ValueError as error:
+        raise InferenceError(str(error)) from None
+
+
+def write_output(path: str, text: str) -> None:
+    """Write an output file whole (atomically), creating its folder."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text.encode())
+    except OSError as error:
+        raise InferenceError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def check_room(model: SoftPromptModel, max_new_tokens: int) -> None:
+    """The virtual tokens and `max_new_tokens` must leave the input at least one position."""
+    if model.context_length is not None and model.num_virtual_tokens + max_new_tokens >= model.context_length:
+        raise InferenceError(
+            f"--max-new-tokens {max_new_tokens} and the prompt's {model.num_virtual_tokens} virtual tokens leave no room "
+            f"for the input in the model's context of {model.context_length} positions: lower --max-new-tokens"
+        )
 
 
 def generation_text(row: str | dict) -> str:
@@ -211,12 +281,12 @@ def generation_options(options: argparse.Namespace) -> dict:
 
 def run(options: argparse.Namespace) -> None:
     """What `infer.py` does (see its --help)."""
-    if options.batch_size < 1:
-        raise InferenceError("--batch-size must be at least 1")
+    check_options(options)
     classifying = options.classify or options.eval is not None
+    for path, flag in ((options.output, "--output"), (options.metrics if options.eval else None, "--metrics")):
+        if path:
+            check_output_file(path, flag)
     if options.eval is not None:
-        if options.input or options.input_file:
-            raise InferenceError("--eval reads its inputs from the labelled file: drop --input/--input-file")
         rows = read_inputs(options.eval)
     else:
         rows = list(options.input or []) + (read_inputs(options.input_file) if options.input_file else [])
@@ -226,13 +296,15 @@ def run(options: argparse.Namespace) -> None:
     if options.seed is not None:
         torch.manual_seed(options.seed)
     model = load_model(options.model, options.checkpoint, options.precision, options.device, options.strict)
+    if not classifying:
+        check_room(model, options.max_new_tokens)
     if classifying:
         records, report = classify_command(model, rows, options)
     else:
         records, report = generate_command(model, rows, options)
     print(report)
     if options.output:
-        Path(options.output).write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+        write_output(options.output, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def generate_command(model: SoftPromptModel, rows: list, options: argparse.Namespace) -> tuple[list[dict], str]:
@@ -255,6 +327,7 @@ def classify_command(model: SoftPromptModel, rows: list, options: argparse.Names
     if not labels:
         raise InferenceError("no label words: the checkpoint records none; pass --labels WORDS [WORDS ...]")
     try:
+        check_label_words(labels, "--labels" if options.labels else "the checkpoint's label_words")
         fields = template_fields(template)
     except ValueError as error:
         raise InferenceError(str(error)) from None
@@ -287,5 +360,5 @@ def classify_command(model: SoftPromptModel, rows: list, options: argparse.Names
         lines = [f"{record['prediction']}\t{row}" for record, row in zip(records, rows)]
         return records, "\n".join(lines)
     results = {name: evaluate(gold, run_predictions, labels) for name, (run_predictions, _) in runs.items()}
-    Path(options.metrics).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_output(options.metrics, json.dumps(results, indent=2) + "\n")
     return records, format_table(results) + f"\n\nmetrics written to {options.metrics}"

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from . import generation, scoring
@@ -39,7 +40,7 @@ def load_base_model(name: str, model_dtype: str = "fp32", device: torch.device |
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[model_dtype])
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a truncated weights file
         reason = str(error).splitlines()[0]
         if Path(name).is_dir():
             raise ValueError(f"cannot load a causal LM from folder {name} ({reason})") from None

@@ -27,19 +27,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from .checkpoint import base_model_name, json_bytes, load_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import base_model_name, check_output_folder, json_bytes, load_checkpoint, save_checkpoint, write_atomic
 from .config import TrainConfig
 from .data import (
     IGNORE_INDEX,
     Example,
     batch_order,
+    check_fits_context,
     check_template_columns,
     collate,
     label_words_of,
     load_rows,
+    read_lines,
     split_batch,
     split_validation,
     tokenize_rows,
@@ -50,6 +53,8 @@ from .model import DTYPES, SoftPromptModel, load_base_model
 TINY_MODEL = "tiny-bloom"  # --model tiny-bloom: a tiny random BLOOM written into the run folder
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
+# What `training_state_files` writes into STATE_JSON beside the loop's counters.
+STATE_KEYS = frozenset({"model", "num_virtual_tokens", "step", "epoch", "batch_in_epoch", "scaler", "rng_python", "rng_numpy"})
 
 
 class TrainingDiverged(RuntimeError):
@@ -208,11 +213,33 @@ def training_state_files(state: dict, optimizer: torch.optim.Optimizer, scaler: 
     return {STATE_JSON: json_bytes(state), STATE_TENSORS: save(tensors)}
 
 
+def read_training_state(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(the JSON state, the tensors) that `training_state_files` wrote. A missing, truncated or
+    corrupt file is a one-line ValueError saying so, before anything of the run is changed."""
+    advice = "resume from an intact copy, or start a new --output-dir without --resume"
+    try:
+        state = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
+        raise ValueError(f"{directory / STATE_JSON} is truncated or corrupt ({error}): {advice}") from None
+    missing = STATE_KEYS - set(state) if isinstance(state, dict) else STATE_KEYS
+    if missing:
+        raise ValueError(f"{directory / STATE_JSON} lacks {sorted(missing)}: it is damaged or not ours; {advice}")
+    try:
+        tensors = load_file(directory / STATE_TENSORS)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{directory / STATE_TENSORS} is truncated or corrupt ({error}): {advice}") from None
+    moments = [name for name in tensors if name.startswith("optimizer.") and not name.endswith(".step")]
+    if "rng.torch" not in tensors or any(
+        tensors[name].shape[:1] != (state["num_virtual_tokens"],) for name in moments
+    ):
+        raise ValueError(f"{directory / STATE_TENSORS} does not hold this run's optimizer and RNG state: {advice}")
+    return state, tensors
+
+
 def restore_training_state(directory: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> dict:
     """Load what `training_state_files` wrote into the optimizer, scaler and RNGs; returns the
     loop's own state (step, data position, counters)."""
-    state = json.loads((directory / STATE_JSON).read_text())
-    tensors = load_file(directory / STATE_TENSORS)
+    state, tensors = read_training_state(directory)
     optimizer_state = optimizer.state_dict()
     moments: dict[int, dict] = {}
     for name, value in tensors.items():
@@ -233,6 +260,25 @@ def restore_training_state(directory: Path, optimizer: torch.optim.Optimizer, sc
     name, keys, *rest = state["rng_numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     return {key: value for key, value in state.items() if key not in ("scaler", "rng_python", "rng_numpy")}
+
+
+def metrics_up_to(path: Path, step: int) -> list[str]:
+    """The lines of a resumed run's metrics.jsonl up to `step` (the interrupted run's later lines
+    are redone). A last line cut short by a crash is dropped; any other damaged line is an error."""
+    lines = [line for line in read_lines(path) if line.strip()] if path.is_file() else []
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            done = json.loads(line)["step"] <= step
+        except (ValueError, TypeError, KeyError):
+            if number == len(lines):
+                break  # appended when the run stopped, after the step it saved
+            raise ValueError(
+                f"{path}:{number}: not a metrics line (JSON with a step): mend or delete that line to resume"
+            ) from None
+        if done:
+            kept.append(line)
+    return kept
 
 
 def find_resume_dir(path: str) -> Path:
@@ -316,18 +362,18 @@ def train(config: TrainConfig) -> dict:
     started = time.perf_counter()
     model_cfg, prompt_cfg, data_cfg, optim, run = config.model, config.prompt, config.data, config.optim, config.run
 
-    # Where the run lives, and what it resumes from.
+    # Where the run lives, and what it resumes from. Every input (resume state, data, model) is
+    # checked before anything in the run folder is written: a rejected run leaves it as it was.
     resume_dir = find_resume_dir(run.resume) if run.resume else None
     if run.output_dir is None:
         resumed_run = resume_dir.parent if resume_dir and resume_dir.name == "last" else None
         run.output_dir = str(resumed_run or Path("runs") / (data_cfg.task or "custom"))
     output_dir = Path(run.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output-dir {output_dir} is a file: choose a folder")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if data_cfg.task == "demo":
+    check_output_folder(output_dir, f"--output-dir {output_dir}")
+    resumed = read_training_state(resume_dir)[0] if resume_dir else None
+    if data_cfg.task == "demo":  # the demo's inputs are generated into the run folder
+        output_dir.mkdir(parents=True, exist_ok=True)
         model_cfg.model, data_cfg.data = prepare_demo(output_dir, model_cfg.model, data_cfg.data)
-    resumed = json.loads((resume_dir / STATE_JSON).read_text()) if resume_dir else None
     if resumed and (resumed["model"], resumed["num_virtual_tokens"]) != (model_cfg.model, prompt_cfg.num_virtual_tokens):
         raise ValueError(
             f"--resume {run.resume} was trained with --model {resumed['model']} --num-virtual-tokens "
@@ -343,7 +389,6 @@ def train(config: TrainConfig) -> dict:
     base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, device)
     apply_speed_options(base_model, model_cfg)
     train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
-    write_atomic(output_dir / "train_config.json", json_bytes(config.to_dict()))
 
     # The model: the frozen LM with the prompt, the only trainable parameter ([V, D], fp32).
     metadata = {
@@ -364,10 +409,22 @@ def train(config: TrainConfig) -> dict:
         seed=run.seed,
         metadata=metadata,
     )
+    check_fits_context(train_examples + eval_examples, prompt_cfg.num_virtual_tokens, model.context_length)
+    metrics_path = output_dir / "metrics.jsonl"
     if resume_dir:
-        weight, _ = load_checkpoint(resume_dir, base_model)
+        weight, saved = load_checkpoint(resume_dir, base_model)
+        if saved.get("step", resumed["step"]) != resumed["step"]:
+            raise ValueError(
+                f"--resume {resume_dir}: its prompt is from step {saved['step']} but its training state from step "
+                f"{resumed['step']}: the folder mixes two saves; start a new --output-dir without --resume"
+            )
         with torch.no_grad():
             model.prompt.weight.copy_(weight)
+        logged = metrics_up_to(metrics_path, resumed["step"])
+
+    # Every input is accepted: from here on the run folder is written.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(output_dir / "train_config.json", json_bytes(config.to_dict()))
     model.train()  # the frozen model's dropout is on during training, as in HF Trainer
     params = [model.prompt.weight]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=device.type == "cuda")
@@ -397,13 +454,10 @@ def train(config: TrainConfig) -> dict:
         "skipped_steps": 0,
         "bad_steps_in_a_row": 0,
     }
-    metrics_path = output_dir / "metrics.jsonl"
     if resume_dir:
         state.update(restore_training_state(resume_dir, optimizer, scaler))
         # Drop metrics the interrupted run logged after the step it saved: they will be redone.
-        logged = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
-        kept = [line for line in logged if json.loads(line)["step"] <= state["step"]]
-        write_atomic(metrics_path, "".join(line + "\n" for line in kept).encode())
+        write_atomic(metrics_path, "".join(line + "\n" for line in logged).encode())
         print(f"resuming {resume_dir} at step {state['step']} of {total_steps}", file=sys.stderr)
     else:
         metrics_path.write_text("")

@@ -101,7 +101,7 @@ def test_split_batch_keeps_each_micro_batch_within_the_token_budget():
     assert split_batch([0, 1, 2, 3, 4, 5], lengths, 0, extra_tokens=2) == [[0, 1, 2, 3, 4, 5]]
 
 
-def test_local_files_load_through_datasets(tmp_path):
+def test_local_files_load(tmp_path):
     rows = [{"text": "a b", "label_text": "x"}, {"text": "c", "label_text": "y"}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (tmp_path / "d.csv").write_text("text,label_text\na b,x\nc,y\n")
@@ -112,6 +112,52 @@ def test_local_files_load_through_datasets(tmp_path):
     (tmp_path / "d.txt").write_text("hello")
     with pytest.raises(ValueError, match="not .jsonl, .json, .csv or .parquet"):
         load_rows(str(tmp_path / "d.txt"))
+
+
+def test_json_is_read_here_into_the_same_rows_as_datasets_gives(tmp_path):
+    import datasets
+
+    rows = [
+        {"text": "caf\u00e9 \u2028 line", "label": 1, "score": 0.5, "ok": True, "tags": ["a", "b"], "extra": None},
+        {"text": "b", "label": 0, "score": 1.5, "ok": False, "tags": [], "extra": "x"},
+        {"label": 2, "text": "c", "score": 2.0, "ok": True, "tags": ["c"]},  # other key order, one key missing
+    ]
+    (tmp_path / "d.jsonl").write_text("\ufeff" + "".join(json.dumps(row, ensure_ascii=False) + "\n\n" for row in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=2))
+    reference = datasets.load_dataset("json", data_files=str(tmp_path / "d.jsonl"), split="train").to_list()
+    for name in ("d.jsonl", "d.json"):
+        ours = load_rows(str(tmp_path / name))
+        assert ours == reference
+        assert [list(row) for row in ours] == [list(row) for row in reference]  # column order
+        assert [[type(value) for value in row.values()] for row in ours] == [
+            [type(value) for value in row.values()] for row in reference
+        ]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("broken.jsonl", b'{"a": 1}\n\n{"a": 2\n', r"broken.jsonl:3: not JSON \(Expecting ',' delimiter, column 8\)"),
+        ("arrays.jsonl", b"[1, 2]\n", r"arrays.jsonl:1: a JSON list where each line must be an object"),
+        ("binary.jsonl", b'{"a": 1}\n\xff\xfe', r"binary.jsonl:2: not UTF-8 text \(byte 0xff\)"),
+        ("nul.jsonl", b'{"a": 1}\n\x00', r"nul.jsonl:2: a NUL byte"),
+        ("items.json", b'[{"a": 1}, 2]', r"items.json: item 1 of the array is a JSON int, not an object"),
+        ("broken.json", b'[\n{"a": 1},\n]', r"broken.json:3: not JSON"),
+        ("latin1.csv", "a\n\xe9\n".encode("latin-1"), r"latin1.csv:2: not UTF-8 text \(byte 0xe9\)"),
+        ("empty.csv", b"", r"cannot read .*empty.csv as CSV \(No columns to parse from file\)"),
+        ("bad.parquet", b"nope", r"cannot read .*bad.parquet as PARQUET"),
+    ],
+)
+def test_unreadable_data_files_are_one_line_naming_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        load_rows(str(tmp_path / name))
+    assert "\n" not in str(error.value)
+
+
+def test_empty_json_lines_give_no_rows(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n \n")
+    assert load_rows(str(tmp_path / "empty.jsonl")) == []
 
 
 def test_unreachable_hub_data_says_to_pass_a_local_file():

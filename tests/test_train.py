@@ -93,40 +93,6 @@ def test_ctrl_c_saves_last_and_resume_reaches_the_same_prompt(reference_run, gpt
     assert losses(tmp_path) == losses(reference_run)
 
 
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--task", "nope"], "unknown task 'nope'"),
-        (["--data", "missing.jsonl"], "data file missing.jsonl does not exist"),
-        (["--template", "Sentence : {text} Label : {category}"], "template field {category} is not a column"),
-        (["--template", "Sentence : {text!r}"], "is not a plain column name"),
-        (["--loss-on", "completion", "--max-length", "3"], "no rows left to train on"),
-        (["--num-virtual-tokens", "0"], "--num-virtual-tokens must be at least 1"),
-        (["--model", "nobody/no-such-model"], "pass a local model folder with --model"),
-        (["--output-dir", "FILE"], "is a file: choose a folder"),
-        (["--resume", "REFERENCE", "--num-virtual-tokens", "3"], "--num-virtual-tokens 20; this run asks for"),
-        (["--resume", "REFERENCE", "--model", "BLOOM"], "was trained with --model"),
-        (["--resume", "NOWHERE"], "no training_state.json there"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_code_2(extra, message, reference_run, gpt2_dir, bloom_dir, jsonl, tmp_path, capsys):
-    (tmp_path / "file").write_text("")
-    names = {"FILE": str(tmp_path / "file"), "REFERENCE": str(reference_run), "BLOOM": bloom_dir, "NOWHERE": str(tmp_path / "x")}
-    extra = [names.get(value, value) for value in extra]
-    assert train.main(args(gpt2_dir, jsonl, tmp_path / "out", *extra)) == 2
-    last_line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last_line.startswith("train.py: error: ") and message in last_line
-
-
-def test_bad_flag_value_is_one_line_and_exit_code_2(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--precision", "fp8"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "train.py: error: argument --precision: invalid choice: 'fp8' (choose from 'fp32', 'bf16', 'fp16')"
-    ]
-
-
 def nan_loss_on(monkeypatch, bad_calls: set[int] | None):
     original_loss, calls = SoftPromptModel.loss, []
 

@@ -15,6 +15,8 @@ A run folder holds:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import random
@@ -307,16 +309,49 @@ def peak_memory_mib(device: torch.device) -> float:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> dict:
-    """Train a soft prompt as `config` says; returns the summary (also printed as one line).
+@dataclasses.dataclass
+class TrainState:
+    """Where the loop is and what it has counted: everything a resumed run needs beside the
+    optimizer, the scaler and the RNGs. Saved as `last/training_state.json`."""
 
-    Raises `ValueError`/`FileNotFoundError` (bad input, one line each) before any training, and
-    `TrainingDiverged` when `max_bad_steps` steps in a row were skipped as non-finite.
-    """
-    started = time.perf_counter()
-    model_cfg, prompt_cfg, data_cfg, optim, run = config.model, config.prompt, config.data, config.optim, config.run
+    model: str
+    num_virtual_tokens: int
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+    epoch_loss_sum: float = 0.0
+    epoch_steps: int = 0
+    best_eval_loss: float | None = None
+    eval_loss: float | None = None
+    skipped_steps: int = 0
+    bad_steps_in_a_row: int = 0
 
-    # Where the run lives, and what it resumes from.
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainState":
+        return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def epoch_progress(self, batches_per_epoch: int) -> float:
+        return self.epoch + self.batch_in_epoch / batches_per_epoch
+
+    def count_step(self, loss: float, finite: bool) -> None:
+        """Count a step's loss toward the epoch's mean, or count it as skipped."""
+        if finite:
+            self.bad_steps_in_a_row = 0
+            self.epoch_loss_sum += loss
+            self.epoch_steps += 1
+        else:
+            self.skipped_steps += 1
+            self.bad_steps_in_a_row += 1
+
+
+def prepare_output_dir(config: TrainConfig) -> tuple[Path, Path | None]:
+    """(the run folder, created, and the `last/` to resume from or None). Fills in the default
+    `--output-dir` and, for `--task demo`, the generated model and data; refuses a resume of a run
+    with another model or prompt length."""
+    model_cfg, prompt_cfg, data_cfg, run = config.model, config.prompt, config.data, config.run
     resume_dir = find_resume_dir(run.resume) if run.resume else None
     if run.output_dir is None:
         resumed_run = resume_dir.parent if resume_dir and resume_dir.name == "last" else None
@@ -334,21 +369,16 @@ def train(config: TrainConfig) -> dict:
             f"{resumed['num_virtual_tokens']}; this run asks for --model {model_cfg.model} --num-virtual-tokens "
             f"{prompt_cfg.num_virtual_tokens}: pass the same ones, or start a new --output-dir without --resume"
         )
+    return output_dir, resume_dir
 
-    seed_everything(run.seed)
-    train_rows, eval_rows = load_data_rows(config)
-    label_words = data_cfg.label_words = data_cfg.label_words or label_words_of(data_cfg.template, train_rows)
-    device = pick_device(model_cfg.device)
-    model_cfg.device = device.type
-    base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, device)
-    apply_speed_options(base_model, model_cfg)
-    train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
-    write_atomic(output_dir / "train_config.json", json_bytes(config.to_dict()))
 
-    # The model: the frozen LM with the prompt, the only trainable parameter ([V, D], fp32).
+def build_model(config: TrainConfig, base_model, tokenizer, resume_dir: Path | None) -> SoftPromptModel:
+    """The frozen LM with the prompt, the only trainable parameter ([V, D], fp32), in train mode;
+    the prompt is the resumed run's when there is one."""
+    prompt_cfg, data_cfg = config.prompt, config.data
     metadata = {
         "template": data_cfg.template,
-        "label_words": label_words,
+        "label_words": data_cfg.label_words,
         "task": data_cfg.task,
         "loss_on": data_cfg.loss_on,
         "max_length": data_cfg.max_length,
@@ -361,190 +391,101 @@ def train(config: TrainConfig) -> dict:
         tokenizer=tokenizer,
         text_fill=prompt_cfg.text_fill,
         vocab_size=prompt_cfg.vocab_size,
-        seed=run.seed,
+        seed=config.run.seed,
         metadata=metadata,
     )
     if resume_dir:
         weight, _ = load_checkpoint(resume_dir, base_model)
         with torch.no_grad():
             model.prompt.weight.copy_(weight)
-    model.train()  # the frozen model's dropout is on during training, as in HF Trainer
+    return model.train()  # the frozen model's dropout is on during training, as in HF Trainer
+
+
+def open_metrics(output_dir: Path, resumed_step: int | None) -> Path:
+    """metrics.jsonl, emptied for a new run; for a resumed one, without the lines logged after the
+    step it saved (they will be logged again)."""
+    path = output_dir / "metrics.jsonl"
+    if resumed_step is None:
+        path.write_text("")
+        return path
+    logged = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in logged if json.loads(line)["step"] <= resumed_step]
+    write_atomic(path, "".join(line + "\n" for line in kept).encode())
+    return path
+
+
+def log_metrics(path: Path, line: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def train_step(
+    model: SoftPromptModel,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    micro_batches: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    autocast,
+    max_grad_norm: float,
+) -> tuple[float, float, bool]:
+    """One optimizer step over collated micro-batches: forward and backward, each micro-batch's mean
+    loss times its weight (its share of the step's labelled tokens, so the gradient is that of the
+    mean over all of them, however the step is cut), clip, AdamW. A step whose loss or gradient is not
+    finite leaves the prompt as it was. Returns (loss, gradient norm before clipping, finite)."""
+    step_loss = torch.zeros((), device=model.device)
+    for batch, weight in zip(micro_batches, weights):
+        batch = {key: value.to(model.device, non_blocking=True) for key, value in batch.items()}
+        with autocast():
+            # = model(**batch).loss, without materialising the [B, V + T, vocab] logits
+            loss = model.loss(**batch) * weight
+        scaler.scale(loss).backward()
+        step_loss += loss.detach()
     params = [model.prompt.weight]
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=device.type == "cuda")
-    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
-    scaler = torch.amp.GradScaler(device.type, enabled="fp16" in (model_cfg.precision, model_cfg.model_dtype))
+    scaler.unscale_(optimizer)  # the clipping threshold is for the true gradient
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    step_loss, grad_norm = step_loss.item(), grad_norm.item()
+    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    if finite:
+        scaler.step(optimizer)  # optimizer.step(), unless an fp16 gradient overflowed
+    scaler.update()  # no-op without fp16; otherwise backs the loss scale off after an overflow
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, finite
 
-    def autocast():
-        return torch.autocast(device.type, dtype=DTYPES[model_cfg.precision], enabled=model_cfg.precision != "fp32")
 
-    # The schedule of optimizer steps: each takes `grad_accum` batches of the epoch's order.
-    lengths = [len(example.input_ids) for example in train_examples]
-    num_labelled = [sum(label != IGNORE_INDEX for label in example.labels) for example in train_examples]
-    batches_per_epoch = math.ceil(len(train_examples) / optim.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / optim.grad_accum)
-    total_steps = optim.max_steps or optim.epochs * steps_per_epoch
+def save_last(output_dir: Path, model: SoftPromptModel, state: TrainState, optimizer, scaler) -> None:
+    """`last/`: the prompt and all the loop needs to resume (`training_state_files`)."""
+    save_checkpoint(
+        output_dir / "last",
+        model.prompt.weight,
+        model.base_model,
+        {**model.metadata, "step": state.step},
+        extra_files=training_state_files(state.to_dict(), optimizer, scaler),
+    )
 
-    state = {  # everything else a resumed run needs beside the optimizer, scaler and RNGs
-        "model": model_cfg.model,
-        "num_virtual_tokens": prompt_cfg.num_virtual_tokens,
-        "step": 0,
-        "epoch": 0,
-        "batch_in_epoch": 0,  # batches of the current epoch already trained on
-        "epoch_loss_sum": 0.0,
-        "epoch_steps": 0,
-        "best_eval_loss": None,
-        "eval_loss": None,
-        "skipped_steps": 0,
-        "bad_steps_in_a_row": 0,
-    }
-    metrics_path = output_dir / "metrics.jsonl"
-    if resume_dir:
-        state.update(restore_training_state(resume_dir, optimizer, scaler))
-        # Drop metrics the interrupted run logged after the step it saved: they will be redone.
-        logged = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
-        kept = [line for line in logged if json.loads(line)["step"] <= state["step"]]
-        write_atomic(metrics_path, "".join(line + "\n" for line in kept).encode())
-        print(f"resuming {resume_dir} at step {state['step']} of {total_steps}", file=sys.stderr)
-    else:
-        metrics_path.write_text("")
 
-    def save_last() -> None:
-        save_checkpoint(
-            output_dir / "last",
-            model.prompt.weight,
-            base_model,
-            {**model.metadata, "step": state["step"]},
-            extra_files=training_state_files(state, optimizer, scaler),
-        )
+def evaluate_and_keep_best(
+    model: SoftPromptModel, state: TrainState, eval_examples: list[Example], batch_size: int, autocast,
+    pad_token_id: int, output_dir: Path, metrics_path: Path, epoch: float,
+) -> None:
+    """Evaluate, log it, and save `best/` when the eval loss is the lowest so far."""
+    eval_loss = evaluate(model, eval_examples, batch_size, autocast, pad_token_id)
+    state.eval_loss = eval_loss
+    log_metrics(metrics_path, {"step": state.step, "epoch": epoch, "eval_loss": eval_loss})
+    if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+        state.best_eval_loss = eval_loss
+        model.save_pretrained(output_dir / "best", step=state.step, eval_loss=eval_loss)
 
-    def log(line: dict) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(line) + "\n")
 
-    def run_evaluation() -> None:
-        eval_loss = evaluate(model, eval_examples, optim.batch_size, autocast, tokenizer.pad_token_id)
-        state["eval_loss"] = eval_loss
-        log({"step": state["step"], "epoch": epoch_progress(), "eval_loss": eval_loss})
-        if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
-            state["best_eval_loss"] = eval_loss
-            model.save_pretrained(output_dir / "best", step=state["step"], eval_loss=eval_loss)
-
-    def epoch_progress() -> float:
-        return state["epoch"] + state["batch_in_epoch"] / batches_per_epoch
-
-    batches = batch_order(lengths, optim.batch_size, run.seed, state["epoch"], data_cfg.group_by_length)
-    loop_started = time.perf_counter()
-    tokens_seen = window_tokens = 0
-    window_started = loop_started
-    progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
-    interrupted = False
-    with StopRequest() as stop:
-        while state["step"] < total_steps:
-            if state["batch_in_epoch"] == 0:
-                state["epoch_loss_sum"], state["epoch_steps"] = 0.0, 0
-            group = batches[state["batch_in_epoch"] : state["batch_in_epoch"] + optim.grad_accum]
-            lr = lr_at(state["step"], optim.lr, optim.scheduler, optim.warmup_steps, total_steps)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-
-            # Forward and backward over the step's batches, each cut into micro-batches within
-            # --max-batch-tokens. Each micro-batch's mean loss is weighted by its share of the step's
-            # labelled tokens, so the gradient is that of the mean over all of them, however it is cut.
-            step_loss = torch.zeros((), device=device)
-            step_labelled = max(1, sum(num_labelled[i] for indices in group for i in indices))
-            micro_batches = [
-                piece
-                for indices in group
-                for piece in split_batch(indices, lengths, optim.max_batch_tokens, prompt_cfg.num_virtual_tokens)
-            ]
-            for indices in micro_batches:
-                batch = collate([train_examples[i] for i in indices], tokenizer.pad_token_id)
-                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-                with autocast():
-                    # = model(**batch).loss, without materialising the [B, V + T, vocab] logits
-                    loss = model.loss(**batch) * (sum(num_labelled[i] for i in indices) / step_labelled)
-                scaler.scale(loss).backward()
-                step_loss += loss.detach()
-                window_tokens += int(batch["attention_mask"].sum())
-
-            scaler.unscale_(optimizer)  # the clipping threshold is for the true gradient
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm or float("inf"))
-            step_loss, grad_norm = step_loss.item(), grad_norm.item()
-            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-            if finite:
-                scaler.step(optimizer)  # optimizer.step(), unless an fp16 gradient overflowed
-                state["bad_steps_in_a_row"] = 0
-                state["epoch_loss_sum"] += step_loss
-                state["epoch_steps"] += 1
-            else:
-                state["skipped_steps"] += 1
-                state["bad_steps_in_a_row"] += 1
-            scaler.update()  # no-op without fp16; otherwise backs the loss scale off after an overflow
-            optimizer.zero_grad(set_to_none=True)
-            if state["bad_steps_in_a_row"] >= optim.max_bad_steps:
-                progress.close()
-                raise TrainingDiverged(
-                    f"the loss or gradient was not finite for {optim.max_bad_steps} steps in a row (up to step "
-                    f"{state['step'] + 1}): lower --lr, or use --precision bf16/fp32 instead of fp16"
-                )
-
-            # Advance the step and the data position; a finished epoch starts the next order.
-            state["step"] += 1
-            state["batch_in_epoch"] += len(group)
-            end_of_epoch = state["batch_in_epoch"] == len(batches)
-            if end_of_epoch:
-                state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
-                batches = batch_order(lengths, optim.batch_size, run.seed, state["epoch"], data_cfg.group_by_length)
-            step, last_step = state["step"], state["step"] == total_steps
-
-            now = time.perf_counter()
-            tokens_per_s = window_tokens / max(now - window_started, 1e-9)
-            if step % run.log_every == 0 or last_step:
-                log({
-                    "step": step,
-                    "epoch": epoch_progress(),
-                    "loss": step_loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s,
-                    "prompt_norm": model.prompt.weight.detach().norm().item(),
-                })
-                tokens_seen, window_tokens, window_started = tokens_seen + window_tokens, 0, now
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-            progress.update(1)
-
-            eval_due = (step % run.eval_every == 0) if run.eval_every else end_of_epoch
-            if eval_examples and (eval_due or last_step):
-                run_evaluation()
-            if (run.save_every and step % run.save_every == 0) or last_step or stop.requested:
-                save_last()
-            if stop.requested and not last_step:
-                interrupted = True
-                break
-    progress.close()
-    tokens_seen += window_tokens
-    train_seconds = time.perf_counter() - loop_started  # the loop alone: no loading, no setup
-
-    summary = {
-        "steps": state["step"],
-        "train_loss": state["epoch_loss_sum"] / max(state["epoch_steps"], 1),
-        "eval_loss": state["eval_loss"],
-        "best_eval_loss": state["best_eval_loss"],
-        "skipped_steps": state["skipped_steps"],
-        "seconds": time.perf_counter() - started,
-        "train_seconds": train_seconds,
-        "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
-        "peak_memory_mib": peak_memory_mib(device),
-        "interrupted": interrupted,
-        "output_dir": str(output_dir),
-    }
-    if interrupted:
+def report(summary: dict, output_dir: Path, total_steps: int) -> None:
+    """The run's last line: where it stopped and how to continue, or what it reached; the loss
+    curve of a finished run."""
+    if summary["interrupted"]:
         print(
-            f"interrupted at step {state['step']} of {total_steps}: saved {output_dir / 'last'}; "
+            f"interrupted at step {summary['steps']} of {total_steps}: saved {output_dir / 'last'}; "
             f"continue with the same arguments and --resume {output_dir}",
             file=sys.stderr,
         )
-        return summary
+        return
     curve = write_loss_curve(output_dir)
     eval_text = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
     print(
@@ -554,4 +495,140 @@ def train(config: TrainConfig) -> dict:
         f"saved {output_dir / 'last'}{' and best/' if summary['best_eval_loss'] is not None else ''}"
         f"{', ' + curve.name if curve else ''}"
     )
+
+
+def train(config: TrainConfig) -> dict:
+    """Train a soft prompt as `config` says; returns the summary (also printed as one line).
+
+    Raises `ValueError`/`FileNotFoundError` (bad input, one line each) before any training, and
+    `TrainingDiverged` when `max_bad_steps` steps in a row were skipped as non-finite.
+    """
+    started = time.perf_counter()
+    model_cfg, prompt_cfg, data_cfg, optim, run = config.model, config.prompt, config.data, config.optim, config.run
+    output_dir, resume_dir = prepare_output_dir(config)
+
+    # Data before the model, so that bad data fails fast.
+    seed_everything(run.seed)
+    train_rows, eval_rows = load_data_rows(config)
+    data_cfg.label_words = data_cfg.label_words or label_words_of(data_cfg.template, train_rows)
+    device = pick_device(model_cfg.device)
+    model_cfg.device = device.type
+    base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, device)
+    apply_speed_options(base_model, model_cfg)
+    train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
+    write_atomic(output_dir / "train_config.json", json_bytes(config.to_dict()))
+
+    model = build_model(config, base_model, tokenizer, resume_dir)
+    optimizer = torch.optim.AdamW(
+        [model.prompt.weight], lr=optim.lr, weight_decay=optim.weight_decay, fused=device.type == "cuda"
+    )
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+    scaler = torch.amp.GradScaler(device.type, enabled="fp16" in (model_cfg.precision, model_cfg.model_dtype))
+    autocast = functools.partial(
+        torch.autocast, device.type, dtype=DTYPES[model_cfg.precision], enabled=model_cfg.precision != "fp32"
+    )
+
+    # The schedule of optimizer steps: each takes `grad_accum` batches of the epoch's order.
+    lengths = [len(example.input_ids) for example in train_examples]
+    num_labelled = [sum(label != IGNORE_INDEX for label in example.labels) for example in train_examples]
+    batches_per_epoch = math.ceil(len(train_examples) / optim.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / optim.grad_accum)
+    total_steps = optim.max_steps or optim.epochs * steps_per_epoch
+
+    state = TrainState(model=model_cfg.model, num_virtual_tokens=prompt_cfg.num_virtual_tokens)
+    if resume_dir:
+        state = TrainState.from_dict(restore_training_state(resume_dir, optimizer, scaler))
+        print(f"resuming {resume_dir} at step {state.step} of {total_steps}", file=sys.stderr)
+    metrics_path = open_metrics(output_dir, state.step if resume_dir else None)
+
+    batches = batch_order(lengths, optim.batch_size, run.seed, state.epoch, data_cfg.group_by_length)
+    loop_started = time.perf_counter()
+    tokens_seen = window_tokens = 0
+    window_started = loop_started
+    progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    interrupted = False
+    with StopRequest() as stop:
+        while state.step < total_steps:
+            if state.batch_in_epoch == 0:
+                state.epoch_loss_sum, state.epoch_steps = 0.0, 0
+            group = batches[state.batch_in_epoch : state.batch_in_epoch + optim.grad_accum]
+            lr = lr_at(state.step, optim.lr, optim.scheduler, optim.warmup_steps, total_steps)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+
+            # The step's batches, each cut into micro-batches within --max-batch-tokens.
+            step_labelled = max(1, sum(num_labelled[i] for indices in group for i in indices))
+            pieces = [
+                piece
+                for indices in group
+                for piece in split_batch(indices, lengths, optim.max_batch_tokens, prompt_cfg.num_virtual_tokens)
+            ]
+            micro_batches = [collate([train_examples[i] for i in piece], tokenizer.pad_token_id) for piece in pieces]
+            weights = [sum(num_labelled[i] for i in piece) / step_labelled for piece in pieces]
+            step_loss, grad_norm, finite = train_step(
+                model, optimizer, scaler, micro_batches, weights, autocast, optim.max_grad_norm
+            )
+            window_tokens += sum(lengths[i] for piece in pieces for i in piece)
+            state.count_step(step_loss, finite)
+            if state.bad_steps_in_a_row >= optim.max_bad_steps:
+                progress.close()
+                raise TrainingDiverged(
+                    f"the loss or gradient was not finite for {optim.max_bad_steps} steps in a row (up to step "
+                    f"{state.step + 1}): lower --lr, or use --precision bf16/fp32 instead of fp16"
+                )
+
+            # Advance the step and the data position; a finished epoch starts the next order.
+            state.step += 1
+            state.batch_in_epoch += len(group)
+            end_of_epoch = state.batch_in_epoch == len(batches)
+            if end_of_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                batches = batch_order(lengths, optim.batch_size, run.seed, state.epoch, data_cfg.group_by_length)
+            last_step = state.step == total_steps
+
+            now = time.perf_counter()
+            tokens_per_s = window_tokens / max(now - window_started, 1e-9)
+            if state.step % run.log_every == 0 or last_step:
+                log_metrics(metrics_path, {
+                    "step": state.step,
+                    "epoch": state.epoch_progress(batches_per_epoch),
+                    "loss": step_loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s,
+                    "prompt_norm": model.prompt.weight.detach().norm().item(),
+                })  # fmt: skip
+                tokens_seen, window_tokens, window_started = tokens_seen + window_tokens, 0, now
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            progress.update(1)
+
+            eval_due = (state.step % run.eval_every == 0) if run.eval_every else end_of_epoch
+            if eval_examples and (eval_due or last_step):
+                evaluate_and_keep_best(
+                    model, state, eval_examples, optim.batch_size, autocast, tokenizer.pad_token_id,
+                    output_dir, metrics_path, state.epoch_progress(batches_per_epoch),
+                )  # fmt: skip
+            if (run.save_every and state.step % run.save_every == 0) or last_step or stop.requested:
+                save_last(output_dir, model, state, optimizer, scaler)
+            if stop.requested and not last_step:
+                interrupted = True
+                break
+    progress.close()
+    tokens_seen += window_tokens
+    train_seconds = time.perf_counter() - loop_started  # the loop alone: no loading, no setup
+
+    summary = {
+        "steps": state.step,
+        "train_loss": state.epoch_loss_sum / max(state.epoch_steps, 1),
+        "eval_loss": state.eval_loss,
+        "best_eval_loss": state.best_eval_loss,
+        "skipped_steps": state.skipped_steps,
+        "seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
+        "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
+        "peak_memory_mib": peak_memory_mib(device),
+        "interrupted": interrupted,
+        "output_dir": str(output_dir),
+    }
+    report(summary, output_dir, total_steps)
     return summary

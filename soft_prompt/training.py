@@ -47,6 +47,7 @@ from .data import (
     tokenize_rows,
 )
 from .bloom_sdpa import use_sdpa_attention
+from .distributed import World, init_world, shard_frozen_model
 from .model import DTYPES, SoftPromptModel, load_base_model
 
 TINY_MODEL = "tiny-bloom"  # --model tiny-bloom: a tiny random BLOOM written into the run folder
@@ -171,19 +172,28 @@ def lr_at(step: int, lr: float, scheduler: str, warmup_steps: int, total_steps: 
 
 
 @torch.no_grad()
-def evaluate(model: SoftPromptModel, examples: list[Example], batch_size: int, autocast, pad_token_id: int) -> float:
-    """The mean loss per labelled token over `examples` (longest rows first, to pad little)."""
+def evaluate(
+    model: SoftPromptModel, examples: list[Example], batch_size: int, autocast, pad_token_id: int, world: World = World()
+) -> float:
+    """The mean loss per labelled token over `examples` (longest rows first, to pad little); under
+    torchrun each rank evaluates its share of each batch and the sums are combined."""
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
+        rows = world.share(order[start : start + batch_size])
+        # A rank with no row of a short last batch still runs a forward (FSDP's all-gathers need
+        # every rank), on the batch's first row, and does not count it.
+        counted = bool(rows)
+        batch = collate([examples[i] for i in rows or order[start : start + 1]], pad_token_id)
         batch = {key: value.to(model.device) for key, value in batch.items()}
         with autocast():
             loss = model.loss(**batch)
-        labelled = int((batch["labels"] != IGNORE_INDEX).sum())
+        labelled = int((batch["labels"] != IGNORE_INDEX).sum()) if counted else 0
         total, count = total + loss.item() * labelled, count + labelled
     model.train()
+    if world.size > 1:
+        total, count = world.sum_(torch.tensor([total, count], dtype=torch.float64, device=model.device)).tolist()
     return total / max(count, 1)
 
 
@@ -247,10 +257,12 @@ def find_resume_dir(path: str) -> Path:
 
 class StopRequest:
     """The first Ctrl-C asks the loop to stop at the next step boundary (so `last/` is exact);
-    a second one interrupts at once."""
+    a second one interrupts at once. Under torchrun every Ctrl-C only asks (torchrun passes the
+    terminal's Ctrl-C on as a second SIGINT, and kills ranks that have not ended 30 s later)."""
 
-    def __init__(self) -> None:
+    def __init__(self, world: World = World()) -> None:
         self.requested = False
+        self.world = world
 
     def __enter__(self):
         self.installed = threading.current_thread() is threading.main_thread()
@@ -259,9 +271,14 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame) -> None:
+        if self.requested:
+            return
         self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-        print("\nstopping after this step: saving last/ (Ctrl-C again to abort)", file=sys.stderr)
+        if self.world.size == 1:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.world.is_main:
+            again = " (Ctrl-C again to abort)" if self.world.size == 1 else ""
+            print(f"\nstopping after this step: saving last/{again}", file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
         if self.installed:
@@ -401,22 +418,51 @@ def build_model(config: TrainConfig, base_model, tokenizer, resume_dir: Path | N
     return model.train()  # the frozen model's dropout is on during training, as in HF Trainer
 
 
-def open_metrics(output_dir: Path, resumed_step: int | None) -> Path:
-    """metrics.jsonl, emptied for a new run; for a resumed one, without the lines logged after the
-    step it saved (they will be logged again)."""
-    path = output_dir / "metrics.jsonl"
+def open_metrics(path: Path, resumed_step: int | None) -> None:
+    """Empty metrics.jsonl for a new run; for a resumed one, drop the lines logged after the step it
+    saved (they will be logged again)."""
     if resumed_step is None:
         path.write_text("")
-        return path
+        return
     logged = path.read_text().splitlines() if path.is_file() else []
     kept = [line for line in logged if json.loads(line)["step"] <= resumed_step]
     write_atomic(path, "".join(line + "\n" for line in kept).encode())
-    return path
 
 
 def log_metrics(path: Path, line: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(line) + "\n")
+
+
+def rank_micro_batches(
+    group: list[list[int]], lengths: list[int], max_batch_tokens: int, num_virtual_tokens: int, world: World
+) -> list[list[int]]:
+    """`world.rank`'s share of each of the step's batches, cut within `max_batch_tokens`."""
+    shares = [world.share(indices) for indices in group]
+    return [piece for share in shares if share for piece in split_batch(share, lengths, max_batch_tokens, num_virtual_tokens)]
+
+
+def step_micro_batches(
+    group: list[list[int]], lengths: list[int], num_labelled: list[int], max_batch_tokens: int,
+    num_virtual_tokens: int, world: World, lockstep: bool,
+) -> tuple[list[list[int]], list[float]]:
+    """This rank's micro-batches of a step (row indices) and their loss weights. The step is
+    `group`, its global batches; this rank takes its share of each and cuts it within
+    `max_batch_tokens`. A weight is the micro-batch's share of the whole step's labelled tokens, so
+    the weighted losses, summed over the micro-batches and the ranks, are the step's mean.
+    `lockstep` (FSDP, whose forward and backward gather weights from every rank) pads every rank to
+    the same number of micro-batches with the step's first row at weight 0."""
+    step_labelled = max(1, sum(num_labelled[i] for indices in group for i in indices))
+    pieces = rank_micro_batches(group, lengths, max_batch_tokens, num_virtual_tokens, world)
+    weights = [sum(num_labelled[i] for i in piece) / step_labelled for piece in pieces]
+    if lockstep:
+        most = max(
+            len(rank_micro_batches(group, lengths, max_batch_tokens, num_virtual_tokens, World(rank, world.size)))
+            for rank in range(world.size)
+        )
+        padding = most - len(pieces)
+        pieces, weights = pieces + [group[0][:1]] * padding, weights + [0.0] * padding
+    return pieces, weights
 
 
 def train_step(
@@ -427,11 +473,13 @@ def train_step(
     weights: list[float],
     autocast,
     max_grad_norm: float,
+    world: World = World(),
 ) -> tuple[float, float, bool]:
     """One optimizer step over collated micro-batches: forward and backward, each micro-batch's mean
     loss times its weight (its share of the step's labelled tokens, so the gradient is that of the
-    mean over all of them, however the step is cut), clip, AdamW. A step whose loss or gradient is not
-    finite leaves the prompt as it was. Returns (loss, gradient norm before clipping, finite)."""
+    mean over all of them, however the step is cut), the sum over the ranks, clip, AdamW. A step
+    whose loss or gradient is not finite leaves the prompt as it was. Returns (loss, gradient norm
+    before clipping, finite), the same on every rank."""
     step_loss = torch.zeros((), device=model.device)
     for batch, weight in zip(micro_batches, weights):
         batch = {key: value.to(model.device, non_blocking=True) for key, value in batch.items()}
@@ -441,6 +489,12 @@ def train_step(
         scaler.scale(loss).backward()
         step_loss += loss.detach()
     params = [model.prompt.weight]
+    if world.size > 1:
+        # One all-reduce for the step: this rank's (scaled) gradient [V, D] and loss, summed.
+        weight = model.prompt.weight
+        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+        summed = world.sum_(torch.cat([grad.flatten(), step_loss.view(1).to(grad.dtype)]))
+        weight.grad, step_loss = summed[:-1].view_as(weight), summed[-1]
     scaler.unscale_(optimizer)  # the clipping threshold is for the true gradient
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     step_loss, grad_norm = step_loss.item(), grad_norm.item()
@@ -465,15 +519,19 @@ def save_last(output_dir: Path, model: SoftPromptModel, state: TrainState, optim
 
 def evaluate_and_keep_best(
     model: SoftPromptModel, state: TrainState, eval_examples: list[Example], batch_size: int, autocast,
-    pad_token_id: int, output_dir: Path, metrics_path: Path, epoch: float,
+    pad_token_id: int, output_dir: Path, metrics_path: Path, epoch: float, world: World,
 ) -> None:
-    """Evaluate, log it, and save `best/` when the eval loss is the lowest so far."""
-    eval_loss = evaluate(model, eval_examples, batch_size, autocast, pad_token_id)
+    """Evaluate (every rank), log it and save `best/` when the eval loss is the lowest so far
+    (rank 0)."""
+    eval_loss = evaluate(model, eval_examples, batch_size, autocast, pad_token_id, world)
     state.eval_loss = eval_loss
-    log_metrics(metrics_path, {"step": state.step, "epoch": epoch, "eval_loss": eval_loss})
-    if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+    is_best = state.best_eval_loss is None or eval_loss < state.best_eval_loss
+    if is_best:
         state.best_eval_loss = eval_loss
-        model.save_pretrained(output_dir / "best", step=state.step, eval_loss=eval_loss)
+    if world.is_main:
+        log_metrics(metrics_path, {"step": state.step, "epoch": epoch, "eval_loss": eval_loss})
+        if is_best:
+            model.save_pretrained(output_dir / "best", step=state.step, eval_loss=eval_loss)
 
 
 def report(summary: dict, output_dir: Path, total_steps: int) -> None:
@@ -502,23 +560,36 @@ def train(config: TrainConfig) -> dict:
 
     Raises `ValueError`/`FileNotFoundError` (bad input, one line each) before any training, and
     `TrainingDiverged` when `max_bad_steps` steps in a row were skipped as non-finite.
+
+    Under torchrun every rank runs it (see `distributed.py`): the same global batches, each rank its
+    share; rank 0 alone writes the run folder and prints.
     """
     started = time.perf_counter()
     model_cfg, prompt_cfg, data_cfg, optim, run = config.model, config.prompt, config.data, config.optim, config.run
-    output_dir, resume_dir = prepare_output_dir(config)
+    world, device = init_world(pick_device(model_cfg.device))
+    model_cfg.device = device.type
+    if model_cfg.fsdp and world.size == 1:
+        raise ValueError("--fsdp shards the frozen model across torchrun's processes: start it with "
+                         "torchrun --nproc_per_node=N (N >= 2), or drop --fsdp")
+    with world.main_first():  # rank 0 writes the demo model and data, the others read them
+        output_dir, resume_dir = prepare_output_dir(config)
 
     # Data before the model, so that bad data fails fast.
     seed_everything(run.seed)
     train_rows, eval_rows = load_data_rows(config)
     data_cfg.label_words = data_cfg.label_words or label_words_of(data_cfg.template, train_rows)
-    device = pick_device(model_cfg.device)
-    model_cfg.device = device.type
     base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, device)
     apply_speed_options(base_model, model_cfg)
     train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
-    write_atomic(output_dir / "train_config.json", json_bytes(config.to_dict()))
+    if world.is_main:
+        parallelism = "fsdp" if model_cfg.fsdp else "data" if world.size > 1 else "none"
+        resolved = {**config.to_dict(), "world_size": world.size, "parallelism": parallelism}
+        write_atomic(output_dir / "train_config.json", json_bytes(resolved))
 
+    # The prompt reads embedding rows (text and vocab init) before any weight is sharded.
     model = build_model(config, base_model, tokenizer, resume_dir)
+    if model_cfg.fsdp:
+        shard_frozen_model(base_model)
     optimizer = torch.optim.AdamW(
         [model.prompt.weight], lr=optim.lr, weight_decay=optim.weight_decay, fused=device.type == "cuda"
     )
@@ -535,19 +606,25 @@ def train(config: TrainConfig) -> dict:
     steps_per_epoch = math.ceil(batches_per_epoch / optim.grad_accum)
     total_steps = optim.max_steps or optim.epochs * steps_per_epoch
 
+    # The data position is global (batches of the global order), so a run resumes on any number of ranks.
     state = TrainState(model=model_cfg.model, num_virtual_tokens=prompt_cfg.num_virtual_tokens)
     if resume_dir:
         state = TrainState.from_dict(restore_training_state(resume_dir, optimizer, scaler))
-        print(f"resuming {resume_dir} at step {state.step} of {total_steps}", file=sys.stderr)
-    metrics_path = open_metrics(output_dir, state.step if resume_dir else None)
+        if world.is_main:
+            print(f"resuming {resume_dir} at step {state.step} of {total_steps}", file=sys.stderr)
+    metrics_path = output_dir / "metrics.jsonl"
+    if world.is_main:
+        open_metrics(metrics_path, state.step if resume_dir else None)
 
     batches = batch_order(lengths, optim.batch_size, run.seed, state.epoch, data_cfg.group_by_length)
     loop_started = time.perf_counter()
     tokens_seen = window_tokens = 0
     window_started = loop_started
-    progress = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    progress = tqdm(
+        total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.is_main
+    )
     interrupted = False
-    with StopRequest() as stop:
+    with StopRequest(world) as stop:
         while state.step < total_steps:
             if state.batch_in_epoch == 0:
                 state.epoch_loss_sum, state.epoch_steps = 0.0, 0
@@ -556,19 +633,15 @@ def train(config: TrainConfig) -> dict:
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
 
-            # The step's batches, each cut into micro-batches within --max-batch-tokens.
-            step_labelled = max(1, sum(num_labelled[i] for indices in group for i in indices))
-            pieces = [
-                piece
-                for indices in group
-                for piece in split_batch(indices, lengths, optim.max_batch_tokens, prompt_cfg.num_virtual_tokens)
-            ]
-            micro_batches = [collate([train_examples[i] for i in piece], tokenizer.pad_token_id) for piece in pieces]
-            weights = [sum(num_labelled[i] for i in piece) / step_labelled for piece in pieces]
-            step_loss, grad_norm, finite = train_step(
-                model, optimizer, scaler, micro_batches, weights, autocast, optim.max_grad_norm
+            # This rank's share of the step's batches, cut into micro-batches within --max-batch-tokens.
+            pieces, weights = step_micro_batches(
+                group, lengths, num_labelled, optim.max_batch_tokens, prompt_cfg.num_virtual_tokens, world, model_cfg.fsdp
             )
-            window_tokens += sum(lengths[i] for piece in pieces for i in piece)
+            micro_batches = [collate([train_examples[i] for i in piece], tokenizer.pad_token_id) for piece in pieces]
+            step_loss, grad_norm, finite = train_step(
+                model, optimizer, scaler, micro_batches, weights, autocast, optim.max_grad_norm, world
+            )
+            window_tokens += sum(lengths[i] for indices in group for i in indices)  # every rank's rows
             state.count_step(step_loss, finite)
             if state.bad_steps_in_a_row >= optim.max_bad_steps:
                 progress.close()
@@ -588,7 +661,7 @@ def train(config: TrainConfig) -> dict:
 
             now = time.perf_counter()
             tokens_per_s = window_tokens / max(now - window_started, 1e-9)
-            if state.step % run.log_every == 0 or last_step:
+            if world.is_main and (state.step % run.log_every == 0 or last_step):
                 log_metrics(metrics_path, {
                     "step": state.step,
                     "epoch": state.epoch_progress(batches_per_epoch),
@@ -598,6 +671,7 @@ def train(config: TrainConfig) -> dict:
                     "tokens_per_s": tokens_per_s,
                     "prompt_norm": model.prompt.weight.detach().norm().item(),
                 })  # fmt: skip
+            if state.step % run.log_every == 0 or last_step:
                 tokens_seen, window_tokens, window_started = tokens_seen + window_tokens, 0, now
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             progress.update(1)
@@ -606,11 +680,12 @@ def train(config: TrainConfig) -> dict:
             if eval_examples and (eval_due or last_step):
                 evaluate_and_keep_best(
                     model, state, eval_examples, optim.batch_size, autocast, tokenizer.pad_token_id,
-                    output_dir, metrics_path, state.epoch_progress(batches_per_epoch),
+                    output_dir, metrics_path, state.epoch_progress(batches_per_epoch), world,
                 )  # fmt: skip
-            if (run.save_every and state.step % run.save_every == 0) or last_step or stop.requested:
+            stopping = world.any(stop.requested, device)  # every rank stops after the same step
+            if world.is_main and ((run.save_every and state.step % run.save_every == 0) or last_step or stopping):
                 save_last(output_dir, model, state, optimizer, scaler)
-            if stop.requested and not last_step:
+            if stopping and not last_step:
                 interrupted = True
                 break
     progress.close()
@@ -630,5 +705,6 @@ def train(config: TrainConfig) -> dict:
         "interrupted": interrupted,
         "output_dir": str(output_dir),
     }
-    report(summary, output_dir, total_steps)
+    if world.is_main:
+        report(summary, output_dir, total_steps)
     return summary

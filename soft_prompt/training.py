@@ -1,10 +1,11 @@
 """The training loop, written out: AdamW on the prompt only, warmup and decay, gradient
 accumulation and clipping, autocast (fp16 with a GradScaler), periodic evaluation, and resumable
-checkpoints. `train(config)` runs it; `train.py` is its command line.
+checkpoints. `train(config)` runs it; `train.py` is its command line; under torchrun every rank
+runs it (`distributed.py`).
 
 A run folder holds:
 
-    train_config.json   the resolved configuration
+    train_config.json   the resolved configuration, with world_size and parallelism
     metrics.jsonl       one line per logged step (and one per evaluation)
     loss_curve.png      train and eval loss (when matplotlib is installed)
     best/               the prompt with the lowest eval loss so far
@@ -578,7 +579,9 @@ def train(config: TrainConfig) -> dict:
     seed_everything(run.seed)
     train_rows, eval_rows = load_data_rows(config)
     data_cfg.label_words = data_cfg.label_words or label_words_of(data_cfg.template, train_rows)
-    base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, device)
+    # --fsdp: the whole model sits only in host memory; fully_shard moves each rank's shards to its GPU.
+    load_device = torch.device("cpu") if model_cfg.fsdp else device
+    base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, load_device)
     apply_speed_options(base_model, model_cfg)
     train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
     if world.is_main:
@@ -590,6 +593,7 @@ def train(config: TrainConfig) -> dict:
     model = build_model(config, base_model, tokenizer, resume_dir)
     if model_cfg.fsdp:
         shard_frozen_model(base_model)
+        model.to(device)  # what stays whole: the prompt, the embedding, the head, the buffers
     optimizer = torch.optim.AdamW(
         [model.prompt.weight], lr=optim.lr, weight_decay=optim.weight_decay, fused=device.type == "cuda"
     )

@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
 from soft_prompt import SoftPromptModel
 from soft_prompt.checkpoint import load_checkpoint
 from soft_prompt.tiny import demo_rows, save_tiny_model
+from tests.test_train import HATE, losses, prompt
 
 ROOT = Path(__file__).resolve().parent.parent
-HATE = "Sentence : {text} Label : {label_text}"
 INIT_TEXT = "hate speech or not"
 ARCHITECTURES = ("bloom", "llama")  # BLOOM ties its LM head to the input embedding, Llama does not
 MODES = ("data", "fsdp")
@@ -44,22 +43,14 @@ def args(model_dir: str, data: str, output_dir, *extra: str) -> list[str]:
         "--model", model_dir, "--data", data, "--template", HATE, "--output-dir", str(output_dir),
         "--batch-size", "4", "--grad-accum", "2", "--epochs", "2", "--val-fraction", "0.25", "--seed", "1",
         "--save-every", "2", "--eval-every", "3", "--warmup-steps", "2", "--group-by-length",
-        "--max-batch-tokens", "40", "--num-virtual-tokens", "4", "--init", "text", "--init-text", INIT_TEXT, *extra,
+        "--max-batch-tokens", "40", "--num-virtual-tokens", "4", "--init", "text", "--init-text", INIT_TEXT,
+        "--device", "cpu", *extra,
     ]  # fmt: skip
-
-
-def logged_losses(output_dir) -> list[float]:
-    lines = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [line.get("loss", line.get("eval_loss")) for line in lines]
-
-
-def prompt(directory) -> torch.Tensor:
-    return load_file(Path(directory) / "adapter_model.safetensors")["prompt_embeddings"]
 
 
 def assert_same_training(output_dir, reference_dir, initial: torch.Tensor) -> None:
     """Losses to 1e-6 relative; the final prompt to 1e-5 of how far training moved it."""
-    torch.testing.assert_close(logged_losses(output_dir), logged_losses(reference_dir), rtol=1e-6, atol=0)
+    torch.testing.assert_close(losses(output_dir), losses(reference_dir), rtol=1e-6, atol=0)
     final, reference = prompt(Path(output_dir) / "last"), prompt(Path(reference_dir) / "last")
     update = (reference - initial).abs().max()
     assert update > 0.01
@@ -122,6 +113,13 @@ def test_a_two_rank_run_resumes_on_one_process(setup, two_rank_runs):
     extra = ("--max-steps", "6", "--scheduler", "constant", "--resume", str(resumed))
     assert train.main(args(model_dir, data, resumed, *extra)) == 0
     assert_same_training(resumed, reference, initial_prompt(model_dir))
+
+
+def test_fsdp_without_torchrun_is_bad_input(setup, tmp_path, capsys):
+    assert train.main(args(setup["models"]["bloom"], setup["data"], tmp_path, "--fsdp")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        "train.py: error: --fsdp shards the frozen model across torchrun's processes"
+    )
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:

@@ -5,22 +5,28 @@ Only the command line lives here; the loop is `soft_prompt.training.train`.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from soft_prompt.config import parse_args, resolve_config
+from soft_prompt.distributed import close_world
 from soft_prompt.training import TrainingDiverged, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done, 1 training diverged, 2 bad input (one line), 130 stopped by Ctrl-C."""
+    """Exit codes: 0 done, 1 training diverged, 2 bad input (one line), 130 stopped by Ctrl-C.
+    Under torchrun every rank meets the same bad input or divergence; rank 0 says so."""
     overrides = parse_args(argv)  # bad flags exit here with code 2
+    says = os.environ.get("RANK", "0") == "0"
     try:
         summary = train(resolve_config(overrides))
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
+        if says:
+            print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
-        print(f"train.py: stopped: {error}", file=sys.stderr)
+        if says:
+            print(f"train.py: stopped: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: the first one saves last/ and returns normally
         print("train.py: aborted", file=sys.stderr)
@@ -29,4 +35,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    close_world()
+    sys.exit(code)

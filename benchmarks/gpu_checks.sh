@@ -12,7 +12,8 @@
 # any tokenizer with fewer fits); DATA: the ETHOS train rows (both must travel inside the checkout,
 # e.g. in a folder that .git/info/exclude ignores, named in `carry`). The machine must have torch
 # with CUDA, transformers 5, peft, datasets and psutil (carry missing ones as wheels).
-# ARCH=tiny-bloom runs the same steps in seconds (how it is checked without a GPU).
+# ARCH=tiny-bloom runs the same steps in seconds (how it is checked without a GPU). On a machine
+# with several GPUs it ends with the torchrun runs (bench_distributed.py); with one it skips them.
 set -euo pipefail
 : "${TOKENIZER:?set TOKENIZER to a tokenizer folder}" "${DATA:?set DATA to an ETHOS-shaped .jsonl}"
 ARCH=${ARCH:-bloomz-560m}
@@ -33,4 +34,15 @@ python3 benchmarks/bench_train.py "${common[@]}" --sides ours --ours-model-dtype
 python3 benchmarks/bench_train.py "${common[@]}" --sides ours peft-trainer --batch-size 32
 python3 benchmarks/bench_train.py "${common[@]}" --sides ours ours-micro-batches peft-trainer \
     --largest-batch --batch-limit "${BATCH_LIMIT:-1024}"
+
+# Several GPUs (only on a machine with 2 or more): 1 process against torchrun on all of them, data
+# parallel and --fsdp, same global batch (8 rows a GPU), the model above in bf16; then the step time
+# and the gradient all-reduce against DDP on nccl (benchmarks/results/distributed-*-cuda.md).
+NGPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "$NGPUS" -ge 2 ]; then
+    MODEL_DIR=$(mktemp -d)/model
+    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_train import build_model; build_model('$ARCH', '$TOKENIZER', '$MODEL_DIR')"
+    python3 benchmarks/bench_distributed.py --model "$MODEL_DIR" --data "$DATA" --rows "$ROWS" --device cuda \
+        --ranks "$NGPUS" --precision bf16 --batch-size $((8 * NGPUS)) --max-length 256 --output-dir "$RESULTS"
+fi
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu-results.tgz" "$RESULTS"; fi

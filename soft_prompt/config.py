@@ -44,6 +44,11 @@ class ModelConfig:
         default=False, metadata={"help": "recompute the frozen model's activations in the backward: less memory for long rows, more time"}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the frozen decoder (dynamic shapes; the first steps pay for compiling)"})
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "under torchrun: shard the frozen transformer blocks across the processes (FSDP2); "
+                          "the prompt, input embedding and LM head stay whole on each"},
+    )
 
 
 @dataclass
@@ -83,7 +88,9 @@ class OptimConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     scheduler: str = field(default="linear", metadata={"help": "decay after warmup", "choices": SCHEDULERS})
     warmup_steps: int = field(default=0, metadata={"help": "optimizer steps of linear warmup from 0"})
-    batch_size: int = field(default=8, metadata={"help": "rows per batch"})
+    batch_size: int = field(
+        default=8, metadata={"help": "rows per batch; under torchrun the global batch, split across the processes"}
+    )
     grad_accum: int = field(
         default=1, metadata={"help": "batches per optimizer step; the loss is the mean over all their labelled tokens"}
     )

@@ -1,10 +1,11 @@
 """The training loop, written out: AdamW on the prompt only, warmup and decay, gradient
 accumulation and clipping, autocast (fp16 with a GradScaler), periodic evaluation, and resumable
-checkpoints. `train(config)` runs it; `train.py` is its command line.
+checkpoints. `train(config)` runs it; `train.py` is its command line; under torchrun every rank
+runs it (`distributed.py`).
 
 A run folder holds:
 
-    train_config.json   the resolved configuration
+    train_config.json   the resolved configuration, with world_size and parallelism
     metrics.jsonl       one line per logged step (and one per evaluation)
     loss_curve.png      train and eval loss (when matplotlib is installed)
     best/               the prompt with the lowest eval loss so far
@@ -15,6 +16,8 @@ A run folder holds:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import random
@@ -48,13 +51,14 @@ from .data import (
     tokenize_rows,
 )
 from .bloom_sdpa import use_sdpa_attention
+from .distributed import World, init_world, shard_frozen_model
 from .model import DTYPES, SoftPromptModel, load_base_model
 
 TINY_MODEL = "tiny-bloom"  # --model tiny-bloom: a tiny random BLOOM written into the run folder
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
-# What `training_state_files` writes into STATE_JSON beside the loop's counters.
-STATE_KEYS = frozenset({"model", "num_virtual_tokens", "step", "epoch", "batch_in_epoch", "scaler", "rng_python", "rng_numpy"})
+# What `training_state_files` writes into STATE_JSON beside the loop's counters (TrainState's fields).
+STATE_EXTRA_KEYS = frozenset({"scaler", "rng_python", "rng_numpy"})
 
 
 class TrainingDiverged(RuntimeError):
@@ -174,19 +178,28 @@ def lr_at(step: int, lr: float, scheduler: str, warmup_steps: int, total_steps: 
 
 
 @torch.no_grad()
-def evaluate(model: SoftPromptModel, examples: list[Example], batch_size: int, autocast, pad_token_id: int) -> float:
-    """The mean loss per labelled token over `examples` (longest rows first, to pad little)."""
+def evaluate(
+    model: SoftPromptModel, examples: list[Example], batch_size: int, autocast, pad_token_id: int, world: World = World()
+) -> float:
+    """The mean loss per labelled token over `examples` (longest rows first, to pad little); under
+    torchrun each rank evaluates its share of each batch and the sums are combined."""
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_token_id)
+        rows = world.share(order[start : start + batch_size])
+        # A rank with no row of a short last batch still runs a forward (FSDP's all-gathers need
+        # every rank), on the batch's first row, and does not count it.
+        counted = bool(rows)
+        batch = collate([examples[i] for i in rows or order[start : start + 1]], pad_token_id)
         batch = {key: value.to(model.device) for key, value in batch.items()}
         with autocast():
             loss = model.loss(**batch)
-        labelled = int((batch["labels"] != IGNORE_INDEX).sum())
+        labelled = int((batch["labels"] != IGNORE_INDEX).sum()) if counted else 0
         total, count = total + loss.item() * labelled, count + labelled
     model.train()
+    if world.size > 1:
+        total, count = world.sum_(torch.tensor([total, count], dtype=torch.float64, device=model.device)).tolist()
     return total / max(count, 1)
 
 
@@ -221,7 +234,8 @@ def read_training_state(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]
         state = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
         raise ValueError(f"{directory / STATE_JSON} is truncated or corrupt ({error}): {advice}") from None
-    missing = STATE_KEYS - set(state) if isinstance(state, dict) else STATE_KEYS
+    expected = STATE_EXTRA_KEYS | {field.name for field in dataclasses.fields(TrainState)}
+    missing = expected - set(state) if isinstance(state, dict) else expected
     if missing:
         raise ValueError(f"{directory / STATE_JSON} lacks {sorted(missing)}: it is damaged or not ours; {advice}")
     try:
@@ -291,10 +305,12 @@ def find_resume_dir(path: str) -> Path:
 
 class StopRequest:
     """The first Ctrl-C asks the loop to stop at the next step boundary (so `last/` is exact);
-    a second one interrupts at once."""
+    a second one interrupts at once. Under torchrun every Ctrl-C only asks (torchrun passes the
+    terminal's Ctrl-C on as a second SIGINT, and kills ranks that have not ended 30 s later)."""
 
-    def __init__(self) -> None:
+    def __init__(self, world: World = World()) -> None:
         self.requested = False
+        self.world = world
 
     def __enter__(self):
         self.installed = threading.current_thread() is threading.main_thread()
@@ -303,9 +319,14 @@ class StopRequest:
         return self
 
     def handle(self, signum, frame) -> None:
+        if self.requested:
+            return
         self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-        print("\nstopping after this step: saving last/ (Ctrl-C again to abort)", file=sys.stderr)
+        if self.world.size == 1:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.world.is_main:
+            again = " (Ctrl-C again to abort)" if self.world.size == 1 else ""
+            print(f"\nstopping after this step: saving last/{again}", file=sys.stderr)
 
     def __exit__(self, *exc) -> None:
         if self.installed:
@@ -353,17 +374,51 @@ def peak_memory_mib(device: torch.device) -> float:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig) -> dict:
-    """Train a soft prompt as `config` says; returns the summary (also printed as one line).
+@dataclasses.dataclass
+class TrainState:
+    """Where the loop is and what it has counted: everything a resumed run needs beside the
+    optimizer, the scaler and the RNGs. Saved as `last/training_state.json`."""
 
-    Raises `ValueError`/`FileNotFoundError` (bad input, one line each) before any training, and
-    `TrainingDiverged` when `max_bad_steps` steps in a row were skipped as non-finite.
-    """
-    started = time.perf_counter()
-    model_cfg, prompt_cfg, data_cfg, optim, run = config.model, config.prompt, config.data, config.optim, config.run
+    model: str
+    num_virtual_tokens: int
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch already trained on
+    epoch_loss_sum: float = 0.0
+    epoch_steps: int = 0
+    best_eval_loss: float | None = None
+    eval_loss: float | None = None
+    skipped_steps: int = 0
+    bad_steps_in_a_row: int = 0
 
-    # Where the run lives, and what it resumes from. Every input (resume state, data, model) is
-    # checked before anything in the run folder is written: a rejected run leaves it as it was.
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainState":
+        return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def epoch_progress(self, batches_per_epoch: int) -> float:
+        return self.epoch + self.batch_in_epoch / batches_per_epoch
+
+    def count_step(self, loss: float, finite: bool) -> None:
+        """Count a step's loss toward the epoch's mean, or count it as skipped."""
+        if finite:
+            self.bad_steps_in_a_row = 0
+            self.epoch_loss_sum += loss
+            self.epoch_steps += 1
+        else:
+            self.skipped_steps += 1
+            self.bad_steps_in_a_row += 1
+
+
+def prepare_output_dir(config: TrainConfig) -> tuple[Path, Path | None, dict | None]:
+    """(the run folder, the `last/` to resume from or None, its saved training state or None).
+    Fills in the default `--output-dir` and, for `--task demo`, the generated model and data;
+    refuses a damaged resume state and a resume of a run with another model or prompt length.
+    Nothing in the run folder is written here (but the demo's generated inputs): every input is
+    checked before, so a rejected run leaves an existing run as it was."""
+    model_cfg, prompt_cfg, data_cfg, run = config.model, config.prompt, config.data, config.run
     resume_dir = find_resume_dir(run.resume) if run.resume else None
     if run.output_dir is None:
         resumed_run = resume_dir.parent if resume_dir and resume_dir.name == "last" else None
@@ -380,20 +435,16 @@ def train(config: TrainConfig) -> dict:
             f"{resumed['num_virtual_tokens']}; this run asks for --model {model_cfg.model} --num-virtual-tokens "
             f"{prompt_cfg.num_virtual_tokens}: pass the same ones, or start a new --output-dir without --resume"
         )
+    return output_dir, resume_dir, resumed
 
-    seed_everything(run.seed)
-    train_rows, eval_rows = load_data_rows(config)
-    label_words = data_cfg.label_words = data_cfg.label_words or label_words_of(data_cfg.template, train_rows)
-    device = pick_device(model_cfg.device)
-    model_cfg.device = device.type
-    base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, device)
-    apply_speed_options(base_model, model_cfg)
-    train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
 
-    # The model: the frozen LM with the prompt, the only trainable parameter ([V, D], fp32).
+def build_model(config: TrainConfig, base_model, tokenizer, resume_dir: Path | None, resumed_step: int | None) -> SoftPromptModel:
+    """The frozen LM with the prompt, the only trainable parameter ([V, D], fp32), in train mode;
+    the prompt is the resumed run's (saved at `resumed_step`) when there is one."""
+    prompt_cfg, data_cfg = config.prompt, config.data
     metadata = {
         "template": data_cfg.template,
-        "label_words": label_words,
+        "label_words": data_cfg.label_words,
         "task": data_cfg.task,
         "loss_on": data_cfg.loss_on,
         "max_length": data_cfg.max_length,
@@ -406,199 +457,145 @@ def train(config: TrainConfig) -> dict:
         tokenizer=tokenizer,
         text_fill=prompt_cfg.text_fill,
         vocab_size=prompt_cfg.vocab_size,
-        seed=run.seed,
+        seed=config.run.seed,
         metadata=metadata,
     )
-    check_fits_context(train_examples + eval_examples, prompt_cfg.num_virtual_tokens, model.context_length)
-    metrics_path = output_dir / "metrics.jsonl"
     if resume_dir:
         weight, saved = load_checkpoint(resume_dir, base_model)
-        if saved.get("step", resumed["step"]) != resumed["step"]:
+        if saved.get("step", resumed_step) != resumed_step:
             raise ValueError(
                 f"--resume {resume_dir}: its prompt is from step {saved['step']} but its training state from step "
-                f"{resumed['step']}: the folder mixes two saves; start a new --output-dir without --resume"
+                f"{resumed_step}: the folder mixes two saves; start a new --output-dir without --resume"
             )
         with torch.no_grad():
             model.prompt.weight.copy_(weight)
-        logged = metrics_up_to(metrics_path, resumed["step"])
+    return model.train()  # the frozen model's dropout is on during training, as in HF Trainer
 
-    # Every input is accepted: from here on the run folder is written.
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(output_dir / "train_config.json", json_bytes(config.to_dict()))
-    model.train()  # the frozen model's dropout is on during training, as in HF Trainer
-    params = [model.prompt.weight]
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=device.type == "cuda")
-    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
-    scaler = torch.amp.GradScaler(device.type, enabled="fp16" in (model_cfg.precision, model_cfg.model_dtype))
 
-    def autocast():
-        return torch.autocast(device.type, dtype=DTYPES[model_cfg.precision], enabled=model_cfg.precision != "fp32")
+def open_metrics(path: Path, kept_lines: list[str] | None) -> None:
+    """Empty metrics.jsonl for a new run; a resumed one keeps `kept_lines` (`metrics_up_to`: the
+    lines up to the step it saved; the later ones will be logged again)."""
+    if kept_lines is None:
+        path.write_text("")
+        return
+    write_atomic(path, "".join(line + "\n" for line in kept_lines).encode())
 
-    # The schedule of optimizer steps: each takes `grad_accum` batches of the epoch's order.
-    lengths = [len(example.input_ids) for example in train_examples]
-    num_labelled = [sum(label != IGNORE_INDEX for label in example.labels) for example in train_examples]
-    batches_per_epoch = math.ceil(len(train_examples) / optim.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / optim.grad_accum)
-    total_steps = optim.max_steps or optim.epochs * steps_per_epoch
 
-    state = {  # everything else a resumed run needs beside the optimizer, scaler and RNGs
-        "model": model_cfg.model,
-        "num_virtual_tokens": prompt_cfg.num_virtual_tokens,
-        "step": 0,
-        "epoch": 0,
-        "batch_in_epoch": 0,  # batches of the current epoch already trained on
-        "epoch_loss_sum": 0.0,
-        "epoch_steps": 0,
-        "best_eval_loss": None,
-        "eval_loss": None,
-        "skipped_steps": 0,
-        "bad_steps_in_a_row": 0,
-    }
-    if resume_dir:
-        state.update(restore_training_state(resume_dir, optimizer, scaler))
-        # Drop metrics the interrupted run logged after the step it saved: they will be redone.
-        write_atomic(metrics_path, "".join(line + "\n" for line in logged).encode())
-        print(f"resuming {resume_dir} at step {state['step']} of {total_steps}", file=sys.stderr)
-    else:
-        metrics_path.write_text("")
+def log_metrics(path: Path, line: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
 
-    def save_last() -> None:
-        save_checkpoint(
-            output_dir / "last",
-            model.prompt.weight,
-            base_model,
-            {**model.metadata, "step": state["step"]},
-            extra_files=training_state_files(state, optimizer, scaler),
+
+def rank_micro_batches(
+    group: list[list[int]], lengths: list[int], max_batch_tokens: int, num_virtual_tokens: int, world: World
+) -> list[list[int]]:
+    """`world.rank`'s share of each of the step's batches, cut within `max_batch_tokens`."""
+    shares = [world.share(indices) for indices in group]
+    return [piece for share in shares if share for piece in split_batch(share, lengths, max_batch_tokens, num_virtual_tokens)]
+
+
+def step_micro_batches(
+    group: list[list[int]], lengths: list[int], num_labelled: list[int], max_batch_tokens: int,
+    num_virtual_tokens: int, world: World, lockstep: bool,
+) -> tuple[list[list[int]], list[float]]:
+    """This rank's micro-batches of a step (row indices) and their loss weights. The step is
+    `group`, its global batches; this rank takes its share of each and cuts it within
+    `max_batch_tokens`. A weight is the micro-batch's share of the whole step's labelled tokens, so
+    the weighted losses, summed over the micro-batches and the ranks, are the step's mean.
+    `lockstep` (FSDP, whose forward and backward gather weights from every rank) pads every rank to
+    the same number of micro-batches with the step's first row at weight 0."""
+    step_labelled = max(1, sum(num_labelled[i] for indices in group for i in indices))
+    pieces = rank_micro_batches(group, lengths, max_batch_tokens, num_virtual_tokens, world)
+    weights = [sum(num_labelled[i] for i in piece) / step_labelled for piece in pieces]
+    if lockstep:
+        most = max(
+            len(rank_micro_batches(group, lengths, max_batch_tokens, num_virtual_tokens, World(rank, world.size)))
+            for rank in range(world.size)
         )
+        padding = most - len(pieces)
+        pieces, weights = pieces + [group[0][:1]] * padding, weights + [0.0] * padding
+    return pieces, weights
 
-    def log(line: dict) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(line) + "\n")
 
-    def run_evaluation() -> None:
-        eval_loss = evaluate(model, eval_examples, optim.batch_size, autocast, tokenizer.pad_token_id)
-        state["eval_loss"] = eval_loss
-        log({"step": state["step"], "epoch": epoch_progress(), "eval_loss": eval_loss})
-        if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
-            state["best_eval_loss"] = eval_loss
-            model.save_pretrained(output_dir / "best", step=state["step"], eval_loss=eval_loss)
+def train_step(
+    model: SoftPromptModel,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    micro_batches: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    autocast,
+    max_grad_norm: float,
+    world: World = World(),
+) -> tuple[float, float, bool]:
+    """One optimizer step over collated micro-batches: forward and backward, each micro-batch's mean
+    loss times its weight (its share of the step's labelled tokens, so the gradient is that of the
+    mean over all of them, however the step is cut), the sum over the ranks, clip, AdamW. A step
+    whose loss or gradient is not finite leaves the prompt as it was. Returns (loss, gradient norm
+    before clipping, finite), the same on every rank."""
+    step_loss = torch.zeros((), device=model.device)
+    for batch, weight in zip(micro_batches, weights):
+        batch = {key: value.to(model.device, non_blocking=True) for key, value in batch.items()}
+        with autocast():
+            # = model(**batch).loss, without materialising the [B, V + T, vocab] logits
+            loss = model.loss(**batch) * weight
+        scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    params = [model.prompt.weight]
+    if world.size > 1:
+        # One all-reduce for the step: this rank's (scaled) gradient [V, D] and loss, summed.
+        weight = model.prompt.weight
+        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+        summed = world.sum_(torch.cat([grad.flatten(), step_loss.view(1).to(grad.dtype)]))
+        weight.grad, step_loss = summed[:-1].view_as(weight), summed[-1]
+    scaler.unscale_(optimizer)  # the clipping threshold is for the true gradient
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    step_loss, grad_norm = step_loss.item(), grad_norm.item()
+    finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+    if finite:
+        scaler.step(optimizer)  # optimizer.step(), unless an fp16 gradient overflowed
+    scaler.update()  # no-op without fp16; otherwise backs the loss scale off after an overflow
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, finite
 
-    def epoch_progress() -> float:
-        return state["epoch"] + state["batch_in_epoch"] / batches_per_epoch
 
-    batches = batch_order(lengths, optim.batch_size, run.seed, state["epoch"], data_cfg.group_by_length)
-    loop_started = time.perf_counter()
-    tokens_seen = window_tokens = 0
-    window_started = loop_started
-    progress = tqdm(total=total_steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
-    interrupted = False
-    with StopRequest() as stop:
-        while state["step"] < total_steps:
-            if state["batch_in_epoch"] == 0:
-                state["epoch_loss_sum"], state["epoch_steps"] = 0.0, 0
-            group = batches[state["batch_in_epoch"] : state["batch_in_epoch"] + optim.grad_accum]
-            lr = lr_at(state["step"], optim.lr, optim.scheduler, optim.warmup_steps, total_steps)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
+def save_last(output_dir: Path, model: SoftPromptModel, state: TrainState, optimizer, scaler) -> None:
+    """`last/`: the prompt and all the loop needs to resume (`training_state_files`)."""
+    save_checkpoint(
+        output_dir / "last",
+        model.prompt.weight,
+        model.base_model,
+        {**model.metadata, "step": state.step},
+        extra_files=training_state_files(state.to_dict(), optimizer, scaler),
+    )
 
-            # Forward and backward over the step's batches, each cut into micro-batches within
-            # --max-batch-tokens. Each micro-batch's mean loss is weighted by its share of the step's
-            # labelled tokens, so the gradient is that of the mean over all of them, however it is cut.
-            step_loss = torch.zeros((), device=device)
-            step_labelled = max(1, sum(num_labelled[i] for indices in group for i in indices))
-            micro_batches = [
-                piece
-                for indices in group
-                for piece in split_batch(indices, lengths, optim.max_batch_tokens, prompt_cfg.num_virtual_tokens)
-            ]
-            for indices in micro_batches:
-                batch = collate([train_examples[i] for i in indices], tokenizer.pad_token_id)
-                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-                with autocast():
-                    # = model(**batch).loss, without materialising the [B, V + T, vocab] logits
-                    loss = model.loss(**batch) * (sum(num_labelled[i] for i in indices) / step_labelled)
-                scaler.scale(loss).backward()
-                step_loss += loss.detach()
-                window_tokens += int(batch["attention_mask"].sum())
 
-            scaler.unscale_(optimizer)  # the clipping threshold is for the true gradient
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm or float("inf"))
-            step_loss, grad_norm = step_loss.item(), grad_norm.item()
-            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-            if finite:
-                scaler.step(optimizer)  # optimizer.step(), unless an fp16 gradient overflowed
-                state["bad_steps_in_a_row"] = 0
-                state["epoch_loss_sum"] += step_loss
-                state["epoch_steps"] += 1
-            else:
-                state["skipped_steps"] += 1
-                state["bad_steps_in_a_row"] += 1
-            scaler.update()  # no-op without fp16; otherwise backs the loss scale off after an overflow
-            optimizer.zero_grad(set_to_none=True)
-            if state["bad_steps_in_a_row"] >= optim.max_bad_steps:
-                progress.close()
-                raise TrainingDiverged(
-                    f"the loss or gradient was not finite for {optim.max_bad_steps} steps in a row (up to step "
-                    f"{state['step'] + 1}): lower --lr, or use --precision bf16/fp32 instead of fp16"
-                )
+def evaluate_and_keep_best(
+    model: SoftPromptModel, state: TrainState, eval_examples: list[Example], batch_size: int, autocast,
+    pad_token_id: int, output_dir: Path, metrics_path: Path, epoch: float, world: World,
+) -> None:
+    """Evaluate (every rank), log it and save `best/` when the eval loss is the lowest so far
+    (rank 0)."""
+    eval_loss = evaluate(model, eval_examples, batch_size, autocast, pad_token_id, world)
+    state.eval_loss = eval_loss
+    is_best = state.best_eval_loss is None or eval_loss < state.best_eval_loss
+    if is_best:
+        state.best_eval_loss = eval_loss
+    if world.is_main:
+        log_metrics(metrics_path, {"step": state.step, "epoch": epoch, "eval_loss": eval_loss})
+        if is_best:
+            model.save_pretrained(output_dir / "best", step=state.step, eval_loss=eval_loss)
 
-            # Advance the step and the data position; a finished epoch starts the next order.
-            state["step"] += 1
-            state["batch_in_epoch"] += len(group)
-            end_of_epoch = state["batch_in_epoch"] == len(batches)
-            if end_of_epoch:
-                state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
-                batches = batch_order(lengths, optim.batch_size, run.seed, state["epoch"], data_cfg.group_by_length)
-            step, last_step = state["step"], state["step"] == total_steps
 
-            now = time.perf_counter()
-            tokens_per_s = window_tokens / max(now - window_started, 1e-9)
-            if step % run.log_every == 0 or last_step:
-                log({
-                    "step": step,
-                    "epoch": epoch_progress(),
-                    "loss": step_loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_per_s,
-                    "prompt_norm": model.prompt.weight.detach().norm().item(),
-                })
-                tokens_seen, window_tokens, window_started = tokens_seen + window_tokens, 0, now
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
-            progress.update(1)
-
-            eval_due = (step % run.eval_every == 0) if run.eval_every else end_of_epoch
-            if eval_examples and (eval_due or last_step):
-                run_evaluation()
-            if (run.save_every and step % run.save_every == 0) or last_step or stop.requested:
-                save_last()
-            if stop.requested and not last_step:
-                interrupted = True
-                break
-    progress.close()
-    tokens_seen += window_tokens
-    train_seconds = time.perf_counter() - loop_started  # the loop alone: no loading, no setup
-
-    summary = {
-        "steps": state["step"],
-        "train_loss": state["epoch_loss_sum"] / max(state["epoch_steps"], 1),
-        "eval_loss": state["eval_loss"],
-        "best_eval_loss": state["best_eval_loss"],
-        "skipped_steps": state["skipped_steps"],
-        "seconds": time.perf_counter() - started,
-        "train_seconds": train_seconds,
-        "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
-        "peak_memory_mib": peak_memory_mib(device),
-        "interrupted": interrupted,
-        "output_dir": str(output_dir),
-    }
-    if interrupted:
+def report(summary: dict, output_dir: Path, total_steps: int) -> None:
+    """The run's last line: where it stopped and how to continue, or what it reached; the loss
+    curve of a finished run."""
+    if summary["interrupted"]:
         print(
-            f"interrupted at step {state['step']} of {total_steps}: saved {output_dir / 'last'}; "
+            f"interrupted at step {summary['steps']} of {total_steps}: saved {output_dir / 'last'}; "
             f"continue with the same arguments and --resume {output_dir}",
             file=sys.stderr,
         )
-        return summary
+        return
     curve = write_loss_curve(output_dir)
     eval_text = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
     print(
@@ -608,4 +605,166 @@ def train(config: TrainConfig) -> dict:
         f"saved {output_dir / 'last'}{' and best/' if summary['best_eval_loss'] is not None else ''}"
         f"{', ' + curve.name if curve else ''}"
     )
+
+
+def train(config: TrainConfig) -> dict:
+    """Train a soft prompt as `config` says; returns the summary (also printed as one line).
+
+    Raises `ValueError`/`FileNotFoundError` (bad input, one line each) before any training, and
+    `TrainingDiverged` when `max_bad_steps` steps in a row were skipped as non-finite.
+
+    Under torchrun every rank runs it (see `distributed.py`): the same global batches, each rank its
+    share; rank 0 alone writes the run folder and prints.
+    """
+    started = time.perf_counter()
+    model_cfg, prompt_cfg, data_cfg, optim, run = config.model, config.prompt, config.data, config.optim, config.run
+    world, device = init_world(pick_device(model_cfg.device))
+    model_cfg.device = device.type
+    if model_cfg.fsdp and world.size == 1:
+        raise ValueError("--fsdp shards the frozen model across torchrun's processes: start it with "
+                         "torchrun --nproc_per_node=N (N >= 2), or drop --fsdp")
+    with world.main_first():  # rank 0 writes the demo model and data, the others read them
+        output_dir, resume_dir, resumed = prepare_output_dir(config)
+
+    # Data before the model, so that bad data fails fast.
+    seed_everything(run.seed)
+    train_rows, eval_rows = load_data_rows(config)
+    data_cfg.label_words = data_cfg.label_words or label_words_of(data_cfg.template, train_rows)
+    # --fsdp: the whole model sits only in host memory; fully_shard moves each rank's shards to its GPU.
+    load_device = torch.device("cpu") if model_cfg.fsdp else device
+    base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, load_device)
+    apply_speed_options(base_model, model_cfg)
+    train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
+
+    # The prompt reads embedding rows (text and vocab init) before any weight is sharded.
+    model = build_model(config, base_model, tokenizer, resume_dir, resumed["step"] if resumed else None)
+    check_fits_context(train_examples + eval_examples, prompt_cfg.num_virtual_tokens, model.context_length)
+    metrics_path = output_dir / "metrics.jsonl"
+    kept_metrics = metrics_up_to(metrics_path, resumed["step"]) if resumed else None
+
+    # Every input is accepted: from here on the run folder is written.
+    if world.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        parallelism = "fsdp" if model_cfg.fsdp else "data" if world.size > 1 else "none"
+        resolved = {**config.to_dict(), "world_size": world.size, "parallelism": parallelism}
+        write_atomic(output_dir / "train_config.json", json_bytes(resolved))
+    if model_cfg.fsdp:
+        shard_frozen_model(base_model)
+        model.to(device)  # what stays whole: the prompt, the embedding, the head, the buffers
+    optimizer = torch.optim.AdamW(
+        [model.prompt.weight], lr=optim.lr, weight_decay=optim.weight_decay, fused=device.type == "cuda"
+    )
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+    scaler = torch.amp.GradScaler(device.type, enabled="fp16" in (model_cfg.precision, model_cfg.model_dtype))
+    autocast = functools.partial(
+        torch.autocast, device.type, dtype=DTYPES[model_cfg.precision], enabled=model_cfg.precision != "fp32"
+    )
+
+    # The schedule of optimizer steps: each takes `grad_accum` batches of the epoch's order.
+    lengths = [len(example.input_ids) for example in train_examples]
+    num_labelled = [sum(label != IGNORE_INDEX for label in example.labels) for example in train_examples]
+    batches_per_epoch = math.ceil(len(train_examples) / optim.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / optim.grad_accum)
+    total_steps = optim.max_steps or optim.epochs * steps_per_epoch
+
+    # The data position is global (batches of the global order), so a run resumes on any number of ranks.
+    state = TrainState(model=model_cfg.model, num_virtual_tokens=prompt_cfg.num_virtual_tokens)
+    if resume_dir:
+        state = TrainState.from_dict(restore_training_state(resume_dir, optimizer, scaler))
+        if world.is_main:
+            print(f"resuming {resume_dir} at step {state.step} of {total_steps}", file=sys.stderr)
+    if world.is_main:
+        open_metrics(metrics_path, kept_metrics)
+
+    batches = batch_order(lengths, optim.batch_size, run.seed, state.epoch, data_cfg.group_by_length)
+    loop_started = time.perf_counter()
+    tokens_seen = window_tokens = 0
+    window_started = loop_started
+    progress = tqdm(
+        total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.is_main
+    )
+    interrupted = False
+    with StopRequest(world) as stop:
+        while state.step < total_steps:
+            if state.batch_in_epoch == 0:
+                state.epoch_loss_sum, state.epoch_steps = 0.0, 0
+            group = batches[state.batch_in_epoch : state.batch_in_epoch + optim.grad_accum]
+            lr = lr_at(state.step, optim.lr, optim.scheduler, optim.warmup_steps, total_steps)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
+
+            # This rank's share of the step's batches, cut into micro-batches within --max-batch-tokens.
+            pieces, weights = step_micro_batches(
+                group, lengths, num_labelled, optim.max_batch_tokens, prompt_cfg.num_virtual_tokens, world, model_cfg.fsdp
+            )
+            micro_batches = [collate([train_examples[i] for i in piece], tokenizer.pad_token_id) for piece in pieces]
+            step_loss, grad_norm, finite = train_step(
+                model, optimizer, scaler, micro_batches, weights, autocast, optim.max_grad_norm, world
+            )
+            window_tokens += sum(lengths[i] for indices in group for i in indices)  # every rank's rows
+            state.count_step(step_loss, finite)
+            if state.bad_steps_in_a_row >= optim.max_bad_steps:
+                progress.close()
+                raise TrainingDiverged(
+                    f"the loss or gradient was not finite for {optim.max_bad_steps} steps in a row (up to step "
+                    f"{state.step + 1}): lower --lr, or use --precision bf16/fp32 instead of fp16"
+                )
+
+            # Advance the step and the data position; a finished epoch starts the next order.
+            state.step += 1
+            state.batch_in_epoch += len(group)
+            end_of_epoch = state.batch_in_epoch == len(batches)
+            if end_of_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                batches = batch_order(lengths, optim.batch_size, run.seed, state.epoch, data_cfg.group_by_length)
+            last_step = state.step == total_steps
+
+            now = time.perf_counter()
+            tokens_per_s = window_tokens / max(now - window_started, 1e-9)
+            if world.is_main and (state.step % run.log_every == 0 or last_step):
+                log_metrics(metrics_path, {
+                    "step": state.step,
+                    "epoch": state.epoch_progress(batches_per_epoch),
+                    "loss": step_loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s,
+                    "prompt_norm": model.prompt.weight.detach().norm().item(),
+                })  # fmt: skip
+            if state.step % run.log_every == 0 or last_step:
+                tokens_seen, window_tokens, window_started = tokens_seen + window_tokens, 0, now
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            progress.update(1)
+
+            eval_due = (state.step % run.eval_every == 0) if run.eval_every else end_of_epoch
+            if eval_examples and (eval_due or last_step):
+                evaluate_and_keep_best(
+                    model, state, eval_examples, optim.batch_size, autocast, tokenizer.pad_token_id,
+                    output_dir, metrics_path, state.epoch_progress(batches_per_epoch), world,
+                )  # fmt: skip
+            stopping = world.any(stop.requested, device)  # every rank stops after the same step
+            if world.is_main and ((run.save_every and state.step % run.save_every == 0) or last_step or stopping):
+                save_last(output_dir, model, state, optimizer, scaler)
+            if stopping and not last_step:
+                interrupted = True
+                break
+    progress.close()
+    tokens_seen += window_tokens
+    train_seconds = time.perf_counter() - loop_started  # the loop alone: no loading, no setup
+
+    summary = {
+        "steps": state.step,
+        "train_loss": state.epoch_loss_sum / max(state.epoch_steps, 1),
+        "eval_loss": state.eval_loss,
+        "best_eval_loss": state.best_eval_loss,
+        "skipped_steps": state.skipped_steps,
+        "seconds": time.perf_counter() - started,
+        "train_seconds": train_seconds,
+        "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
+        "peak_memory_mib": peak_memory_mib(device),
+        "interrupted": interrupted,
+        "output_dir": str(output_dir),
+    }
+    if world.is_main:
+        report(summary, output_dir, total_steps)
     return summary

@@ -28,6 +28,7 @@ def classify(
     tokenizer=None,
     batch_size: int = 16,
     use_prompt: bool = True,
+    prompt_names: Sequence[str | None] | None = None,
 ) -> tuple[list[str], torch.Tensor]:
     """The best label for each text, and the scores `[len(texts), len(labels)]`; see
     `SoftPromptModel.classify`."""
@@ -37,6 +38,22 @@ def classify(
         raise ValueError("no template: pass template=... (the checkpoint records none)")
     if tokenizer is None:
         raise ValueError("classify needs a tokenizer: pass tokenizer=... or load the model with one")
+    sequences = label_sequences(texts, labels, template, tokenizer)
+    if prompt_names is not None:
+        if len(prompt_names) != len(texts):
+            raise ValueError(f"prompt_names has {len(prompt_names)} names for {len(texts)} texts")
+        prompt_names = [name for name in prompt_names for _ in labels]  # one per (text, label) pair
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = completion_log_probs(model, sequences, pad_id, batch_size, use_prompt, prompt_names)
+    scores = scores.view(len(texts), len(labels))
+    return [labels[index] for index in scores.argmax(dim=1).tolist()], scores
+
+
+def label_sequences(
+    texts: Sequence[str | dict], labels: Sequence[str], template: str, tokenizer
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, label ids) for each text and each label in turn: the text fills the template
+    (a str its first field, a dict names the fields) and the label its last field."""
     if not labels or not all(isinstance(label, str) and label.strip() for label in labels):
         raise ValueError(f"labels must be non-empty strings, got {list(labels)!r}")
     fields = template_fields(template)
@@ -52,10 +69,7 @@ def classify(
             prompt_ids = tokenizer(prompt)["input_ids"]
             completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
             sequences.append((prompt_ids, completion_ids))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = completion_log_probs(model, sequences, pad_id, batch_size, use_prompt)
-    scores = scores.view(len(texts), len(labels))
-    return [labels[index] for index in scores.argmax(dim=1).tolist()], scores
+    return sequences
 
 
 @torch.no_grad()
@@ -65,42 +79,50 @@ def completion_log_probs(
     pad_id: int = 0,
     batch_size: int = 16,
     use_prompt: bool = True,
+    prompt_names: Sequence[str | None] | None = None,
 ) -> torch.Tensor:
     """The total log-probability `[N]` (fp32) of each completion given its prompt: `sequences`
-    holds (prompt ids, completion ids) pairs. Batched, right-padded `[P][x][pad]`; prompts too long
+    holds (prompt ids, completion ids) pairs. Each sequence is scored after the active soft
+    prompt, after none (`use_prompt=False`), or after its own (`prompt_names`, a name or None
+    each, mixed in the same batches). Batched, right-padded `[pad][P][x][pad]`; prompts too long
     for the context are cut from the left, with a warning."""
     base_model, device = model.base_model, model.device
-    num_virtual = model.num_virtual_tokens if use_prompt else 0
+    if prompt_names is None:
+        prompt_names = [model.active_prompt if use_prompt else None] * len(sequences)
+    num_virtual = model.prompt_mask(prompt_names, len(sequences)).sum(dim=1).tolist()  # each sequence's V
     # Longest first, so each batch holds sequences of similar length (little padding computed);
     # the scores are put back in the caller's order at the end.
-    order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
+    order = sorted(range(len(sequences)), key=lambda i: -(num_virtual[i] + len(sequences[i][0]) + len(sequences[i][1])))
     totals = []
     for start in range(0, len(sequences), batch_size):
+        indices = order[start : start + batch_size]
         chunk = []
-        for prompt_ids, completion_ids in (sequences[i] for i in order[start : start + batch_size]):
+        for index in indices:
+            prompt_ids, completion_ids = sequences[index]
             if not prompt_ids or not completion_ids:
                 raise ValueError("label scoring needs tokens before the label and a non-empty label")
             if model.context_length is not None:
-                prompt_ids = truncate_left(prompt_ids, model.context_length - num_virtual - len(completion_ids))
+                prompt_ids = truncate_left(prompt_ids, model.context_length - num_virtual[index] - len(completion_ids))
             chunk.append((prompt_ids, completion_ids))
         length = max(len(p) + len(c) for p, c in chunk)
         input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
-        rows, positions, targets = [], [], []
         for row, (prompt_ids, completion_ids) in enumerate(chunk):
             ids = prompt_ids + completion_ids
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
-            # Token k is predicted by the output at position V + k - 1 (the prompt shifts it by V).
+        inputs = model.prepare_inputs(
+            input_ids.to(device), attention_mask.to(device), prompt_names=[prompt_names[i] for i in indices]
+        )
+        chunk_virtual = inputs["inputs_embeds"].shape[1] - length  # the chunk's longest prompt
+        rows, positions, targets = [], [], []
+        for row, (prompt_ids, completion_ids) in enumerate(chunk):
+            ids = prompt_ids + completion_ids
+            # Token k is predicted by the output at position V + k - 1 (the prompts shift it by V).
             for k in range(len(prompt_ids), len(ids)):
                 rows.append(row)
-                positions.append(num_virtual + k - 1)
+                positions.append(chunk_virtual + k - 1)
                 targets.append(ids[k])
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        if use_prompt:
-            inputs = model.prepare_inputs(input_ids, attention_mask)
-        else:
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         rows = torch.tensor(rows, device=device)
         positions = torch.tensor(positions, device=device)
         if model.plain_linear_head:

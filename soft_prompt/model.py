@@ -62,8 +62,9 @@ class SoftPromptModel(nn.Module):
         num_virtual_tokens, init, init_text, tokenizer, text_fill, vocab_size, seed: see
             `SoftPromptEmbedding`.
         metadata: extra facts saved with the checkpoint (template, label words, ...).
+        name: the prompt's name.
 
-    The prompt made here is named "default"; more can be added or loaded beside it
+    The prompt made here is named "default" unless `name` says otherwise; more can be added or loaded beside it
     (`add_prompt`, `load_prompt`), one is active (`set_prompt`), and `prompt_names` gives
     each row of a batch its own (see `prepare_inputs`).
     """
@@ -79,6 +80,7 @@ class SoftPromptModel(nn.Module):
         vocab_size: int | None = None,
         seed: int | None = None,
         metadata: dict | None = None,
+        name: str = DEFAULT_PROMPT,
     ) -> None:
         super().__init__()
         if not hasattr(base_model, "get_input_embeddings") or base_model.get_input_embeddings() is None:
@@ -91,10 +93,10 @@ class SoftPromptModel(nn.Module):
         self.prompts = nn.ModuleDict()
         self.prompt_metadata: dict[str, dict] = {}
         self.add_prompt(
-            DEFAULT_PROMPT, num_virtual_tokens, init, init_text=init_text, text_fill=text_fill,
+            name, num_virtual_tokens, init, init_text=init_text, text_fill=text_fill,
             vocab_size=vocab_size, seed=seed, metadata=metadata,
         )
-        self.set_prompt(DEFAULT_PROMPT)
+        self.set_prompt(name)
         forward_arguments = inspect.signature(base_model.forward).parameters
         self.takes_position_ids = "position_ids" in forward_arguments
         self.takes_logits_to_keep = "logits_to_keep" in forward_arguments
@@ -179,7 +181,7 @@ class SoftPromptModel(nn.Module):
         for row, name in enumerate(prompt_names):
             if name is not None and name not in self.prompts:
                 raise ValueError(f"row {row} names prompt {name!r}, but the loaded prompts are {self.prompt_names}")
-        lengths = torch.tensor([0 if name is None else self.prompts[name].num_virtual_tokens for name in prompt_names])
+        lengths = torch.tensor([self.prompt_length(name) for name in prompt_names])
         first_real = (lengths.max() - lengths).to(self.device)  # [B]
         return (torch.arange(int(lengths.max()), device=self.device) >= first_real[:, None]).long()
 
@@ -259,6 +261,14 @@ class SoftPromptModel(nn.Module):
     @property
     def prompt_names(self) -> list[str]:
         return list(self.prompts)
+
+    def prompt_length(self, name: str | None) -> int:
+        """The number of virtual tokens of prompt `name`; 0 for None (the frozen model alone)."""
+        if name is None:
+            return 0
+        if name not in self.prompts:
+            raise ValueError(f"no prompt named {name!r}: the loaded prompts are {self.prompt_names}")
+        return self.prompts[name].num_virtual_tokens
 
     def add_prompt(
         self,
@@ -351,12 +361,12 @@ class SoftPromptModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, base_model: nn.Module, directory: str | os.PathLike, tokenizer=None
+        cls, base_model: nn.Module, directory: str | os.PathLike, tokenizer=None, name: str = DEFAULT_PROMPT
     ) -> "SoftPromptModel":
-        """Load a prompt saved by `save_pretrained` or by PEFT onto `base_model`, as `"default"`."""
+        """Load a prompt saved by `save_pretrained` or by PEFT onto `base_model`, as prompt `name`."""
         weight, metadata = load_checkpoint(directory, base_model)
         # seed=0: the placeholder rows are overwritten at once and must not consume the global RNG.
-        model = cls(base_model, num_virtual_tokens=weight.shape[0], tokenizer=tokenizer, seed=0, metadata=metadata)
+        model = cls(base_model, weight.shape[0], tokenizer=tokenizer, seed=0, metadata=metadata, name=name)
         with torch.no_grad():
             model.prompt.weight.copy_(weight)
         return model

@@ -89,7 +89,9 @@ def completion_log_probs(
     base_model, device = model.base_model, model.device
     if prompt_names is None:
         prompt_names = [model.active_prompt if use_prompt else None] * len(sequences)
-    num_virtual = model.prompt_mask(prompt_names, len(sequences)).sum(dim=1).tolist()  # each sequence's V
+    if len(prompt_names) != len(sequences):
+        raise ValueError(f"prompt_names has {len(prompt_names)} names for {len(sequences)} sequences")
+    num_virtual = [model.prompt_length(name) for name in prompt_names]  # each sequence's V
     # Longest first, so each batch holds sequences of similar length (little padding computed);
     # the scores are put back in the caller's order at the end.
     order = sorted(range(len(sequences)), key=lambda i: -(num_virtual[i] + len(sequences[i][0]) + len(sequences[i][1])))

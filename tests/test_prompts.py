@@ -141,7 +141,7 @@ def test_mixed_forward_and_loss_equal_each_row_alone(model_and_tokenizer):
         alone = logits_alone(wrapper, ids, name)  # [V_row + T, vocab]
         # Row r's real positions in the batch: its prompt ends at column V, its text follows.
         start = num_virtual - prompt_weight(wrapper, name).shape[0]
-        torch.testing.assert_close(output.logits[row, start : num_virtual + len(ids)], alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(output.logits[row, start : num_virtual + len(ids)], alone, rtol=0, atol=5e-5)
         # Its loss alone: every text token that something before it predicts.
         predicted_from = alone[-len(ids) - 1 : -1] if name is not None else alone[:-1]
         targets = torch.tensor(ids if name is not None else ids[1:])

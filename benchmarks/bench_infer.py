@@ -76,8 +76,10 @@ def peft_twin(model_dir: str, prompt_weight: torch.Tensor):
 
 
 def generation_rows(ours, peft_model, tokenizer, max_new_tokens: int) -> list[dict]:
+    # eos_token_id=None makes every row generate max_new_tokens (min_new_tokens would too, but it
+    # is no option of the prefix-cache loop and would send ours through generate() instead).
     options = dict(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.5,
-                   pad_token_id=tokenizer.pad_token_id, min_new_tokens=max_new_tokens)
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
     rows = []
     for batch_size in (1, 16):
         texts = (TUTORIAL_INPUTS * batch_size)[:batch_size]

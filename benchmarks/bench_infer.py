@@ -206,7 +206,8 @@ def many_prompts_side(args) -> dict:
     with torch.no_grad(), PeakMemory() as memory:
         generate(torch.tensor(inputs[:2]), names[0])  # warm-up
         seconds = []
-        for _ in range(args.repeats):  # the fastest run: the least disturbed by other processes
+        repeats = args.peft_repeats if args.side == "PEFT set_adapter per group" else args.repeats
+        for _ in range(repeats):  # the fastest run: the least disturbed by other processes
             if hasattr(model, "_prompt_kv"):
                 model._prompt_kv.clear()  # every prompt's cache is computed in each timed run
             new_tokens, run_seconds = timed(run)
@@ -237,7 +238,7 @@ def many_prompts(args, model_dir: str, base, tokenizer, data_rows: list[dict]) -
         for side in args.sides:
             command = [sys.executable, __file__, "--setup", str(setup), "--side", side, "--num-prompts", str(num_prompts),
                        "--max-new-tokens", str(args.max_new_tokens), "--batch-size", str(args.batch_size),
-                       "--repeats", str(args.repeats)]
+                       "--repeats", str(args.repeats), "--peft-repeats", str(args.peft_repeats)]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results.append(json.loads(output.strip().splitlines()[-1]))
             print(f"K={num_prompts} {side}: {results[-1]['seconds']:.1f} s", file=sys.stderr)
@@ -260,8 +261,9 @@ def write_many_prompts_report(args, model_dir: str, inputs: list[list[int]], res
         f"{len(inputs)} rows of {args.input_tokens} tokens, {args.max_new_tokens} new tokens each (greedy, "
         f"repetition_penalty 1.5), K random prompts of V = {args.num_virtual_tokens}, row i answered by prompt i mod K, "
         f"batches of at most {args.batch_size} rows. Mixed batches take the rows in order; the other sides "
-        f"group each prompt's rows. Seconds: the fastest of {args.repeats} runs, each computing every prompt's "
-        "cache anew. Peak memory is the process's (the model included); rise: above the loaded model and prompts.", "",
+        f"group each prompt's rows. Seconds: the fastest of {args.repeats} runs for our sides (each computing "
+        f"every prompt's cache anew), of {args.peft_repeats} for PEFT's. Peak memory is the process's (the model "
+        "included); rise: above the loaded model and prompts.", "",
         "| K | side | batches | seconds | new tokens/s | side / ours mixed (time) | peak memory (MiB) | rise (MiB) | rows with the same tokens as ours mixed |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -282,14 +284,17 @@ def write_many_prompts_report(args, model_dir: str, inputs: list[list[int]], res
         r = next(r for r in results if r["side"] == side)
         weights, cache = r["prompt_bytes_each"] / 1024, r["prompt_cache_bytes_each"] / 1024
         lines.append(f"| {side} | {weights:.0f} KiB | {cache:.0f} KiB | {weights + cache:.0f} KiB |")
+    save_report(args.output_dir, f"infer-many-prompts-{name}", lines, {"command": command, "inputs": inputs, "results": results})
+
+
+def save_report(output_dir: str, stem: str, lines: list[str], figures: dict) -> None:
+    """Print the report and write it to `<stem>.md`, with the figures as `<stem>.json`."""
     report = "\n".join(lines) + "\n"
     print(report)
-    output_dir = Path(args.output_dir)
+    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"infer-many-prompts-{name}.md").write_text(report)
-    (output_dir / f"infer-many-prompts-{name}.json").write_text(
-        json.dumps({"command": command, "inputs": inputs, "results": results}, indent=2) + "\n"
-    )
+    (output_dir / f"{stem}.md").write_text(report)
+    (output_dir / f"{stem}.json").write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def main() -> None:
@@ -306,7 +311,8 @@ def main() -> None:
     many.add_argument("--many-prompts", action="store_true", help="run the many-prompts comparison instead")
     many.add_argument("--prompt-counts", type=int, nargs="+", default=[1, 4, 16], help="the values of K")
     many.add_argument("--input-tokens", type=int, default=24, help="tokens in each input row")
-    many.add_argument("--repeats", type=int, default=3, help="timed runs per side and K; the fastest is reported")
+    many.add_argument("--repeats", type=int, default=2, help="timed runs of our sides per K; the fastest is reported")
+    many.add_argument("--peft-repeats", type=int, default=1, help="timed runs of PEFT's side per K (minutes each on a CPU)")
     many.add_argument("--sides", nargs="+", choices=MANY_PROMPTS_SIDES, default=list(MANY_PROMPTS_SIDES))
     many.add_argument("--setup", help=argparse.SUPPRESS)  # a side's process: what the parent saved
     many.add_argument("--side", help=argparse.SUPPRESS)
@@ -368,14 +374,8 @@ def write_report(args, model_dir: str, generation: list[dict], classification: l
         f"| {row['side']} | {row['rows_per_second']:.2f} | {row['accuracy']:.3f} | {row['not_a_label']:.1%} | "
         f"{ours_rate / row['rows_per_second']:.2f}x |" for row in classification
     ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"infer-{name}.md").write_text(report)
-    (output_dir / f"infer-{name}.json").write_text(
-        json.dumps({"command": command, "generation": generation, "classification": classification}, indent=2) + "\n"
-    )
+    save_report(args.output_dir, f"infer-{name}", lines,
+                {"command": command, "generation": generation, "classification": classification})
 
 
 if __name__ == "__main__":

@@ -195,22 +195,22 @@ def classify_rows(
     batch_size: int = 8,
 ) -> tuple[list[str], list[list[float]]]:
     """Label scoring of each row after its prompt (None: the frozen model alone) with its own
-    (template, label words) from `tasks`, a batch of rows at a time (with a progress bar), rows of
-    every prompt sharing the batches. Returns each row's best label and its labels' scores."""
-    base = all(name is None for name in prompt_names)
+    (template, label words) from `tasks`, about `batch_size` rows a batch, longest first over all
+    rows, rows of every prompt sharing the batches. Returns each row's best label and its labels'
+    scores."""
+    sequences, names = [], []
+    for row, name, (template, labels) in zip(rows, prompt_names, tasks):
+        sequences += label_sequences([row], labels, template, model.tokenizer)
+        names += [name] * len(labels)
+    most_labels = max(len(labels) for _, labels in tasks)
+    totals = model.completion_log_probs(
+        sequences, model.tokenizer.pad_token_id, batch_size=batch_size * most_labels, prompt_names=names
+    ).tolist()
     predictions, scores = [], []
-    for chunk in batches(list(zip(rows, prompt_names, tasks)), batch_size, "scoring labels (base)" if base else "scoring labels"):
-        sequences, names = [], []
-        for row, name, (template, labels) in chunk:
-            sequences += label_sequences([row], labels, template, model.tokenizer)
-            names += [name] * len(labels)
-        totals = model.completion_log_probs(
-            sequences, model.tokenizer.pad_token_id, batch_size=len(sequences), prompt_names=names
-        ).tolist()
-        for _, _, (_, labels) in chunk:
-            row_scores, totals = totals[: len(labels)], totals[len(labels) :]
-            predictions.append(labels[max(range(len(labels)), key=row_scores.__getitem__)])
-            scores.append(row_scores)
+    for _, labels in tasks:
+        row_scores, totals = totals[: len(labels)], totals[len(labels) :]
+        predictions.append(labels[max(range(len(labels)), key=row_scores.__getitem__)])
+        scores.append(row_scores)
     return predictions, scores
 
 

@@ -64,9 +64,9 @@ class SoftPromptModel(nn.Module):
         metadata: extra facts saved with the checkpoint (template, label words, ...).
         name: the prompt's name.
 
-    The prompt made here is named "default" unless `name` says otherwise; more can be added or loaded beside it
-    (`add_prompt`, `load_prompt`), one is active (`set_prompt`), and `prompt_names` gives
-    each row of a batch its own (see `prepare_inputs`).
+    The prompt made here is named "default" unless `name` says otherwise; more can be added or
+    loaded beside it (`add_prompt`, `load_prompt`), one is active (`set_prompt`), and
+    `prompt_names` gives each row of a batch its own (see `prepare_inputs`).
     """
 
     def __init__(

@@ -267,7 +267,8 @@ def write_many_prompts_report(
 ) -> None:
     name = Path(args.model).name if args.model else "tiny-llama"
     command = (f"python benchmarks/bench_infer.py --many-prompts --model {args.model} --data {args.data} "
-               f"--rows {args.rows} --prompt-counts {' '.join(map(str, args.prompt_counts))}")
+               f"--rows {args.rows} --prompt-counts {' '.join(map(str, args.prompt_counts))} --repeats {args.repeats} "
+               f"--peft-repeats {args.peft_repeats}")
     new_tokens = len(inputs) * args.max_new_tokens
     reference = {r["num_prompts"]: r for r in results if r["side"] == MANY_PROMPTS_SIDES[0]}
     for r in results:

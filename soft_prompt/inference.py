@@ -335,15 +335,15 @@ def label_task(model: SoftPromptModel, name: str | None, options: argparse.Names
 
 def gold_labels(rows: list, tasks: list[tuple[str, list[str]]], path: str) -> list[str]:
     """Each row's gold label: its template's last field, which must be one of its label words."""
-    missing, unknown = [], {}
+    missing, unknown = {}, {}  # label field -> row numbers; label words -> gold labels not among them
     for number, (row, (template, labels)) in enumerate(zip(rows, tasks), 1):
         field = template_fields(template)[-1]
         if not isinstance(row, dict) or field not in row:
-            missing.append(f"{number} ({field!r})")
+            missing.setdefault(field, []).append(number)
         elif row[field] not in labels:
             unknown.setdefault(tuple(labels), set()).add(row[field])
-    if missing:
-        raise InferenceError(f"{path}: rows {', '.join(missing[:5])} have no field for their template's label")
+    for field, numbers in missing.items():
+        raise InferenceError(f"{path}: rows {numbers[:5]} have no {field!r} field (the template's label)")
     for labels, gold in unknown.items():
         raise InferenceError(f"{path}: gold labels {sorted(gold)} are not among the label words {list(labels)}")
     return [row[template_fields(template)[-1]] for row, (template, _) in zip(rows, tasks)]

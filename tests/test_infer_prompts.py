@@ -134,3 +134,12 @@ def test_prompt_errors_are_one_line_and_exit_2(bloom_dir, checkpoints, tmp_path,
     SoftPromptModel(build_model("bloom", 400, hidden_size=48), num_virtual_tokens=2, seed=0).save_pretrained(wide)
     code, message = run_main(capsys, *both, "--checkpoint", f"wide={wide}", "--input", "hi")
     assert code == 2 and f"checkpoint {wide} has embedding size 48 but the model has 32" in message
+
+
+def test_eval_rows_need_their_own_templates_label_field(bloom_dir, checkpoints, tmp_path, capsys):
+    rows = [{"text": "the cat", "label_text": "hate speech", "prompt": "hate"},
+            {"text": "that song", "label_text": "music", "prompt": "topic"}]  # topic's label field is "topic"
+    path = write_rows(tmp_path / "eval.jsonl", rows)
+    code, message = run_main(capsys, "--model", bloom_dir, "--checkpoint", f"hate={checkpoints['hate']}",
+                             "--checkpoint", f"topic={checkpoints['topic']}", "--eval", path)
+    assert code == 2 and message == f"error: {path}: rows [2] have no 'topic' field (the template's label)"

@@ -150,7 +150,8 @@ def equal_length_inputs(tokenizer, data_rows: list[dict], num_rows: int, input_t
 
 def many_prompts_side(args) -> dict:
     """One side in this process: at one K (seconds, peak memory, bytes each prompt holds, the new
-    tokens), or with --interleave ours mixed at each of those K in turn (the fastest run of each)."""
+    tokens), or with --interleave ours mixed at each of those K in turn (the fastest run of each;
+    with --keep-prompt-cache each prompt's cache is computed once, before the timed runs)."""
     from bench_train import PeakMemory
 
     setup = json.loads(Path(args.setup).read_text())
@@ -199,7 +200,7 @@ def many_prompts_side(args) -> dict:
         return row_names, batches
 
     def run(row_names, batches):
-        if hasattr(model, "_prompt_kv"):
+        if hasattr(model, "_prompt_kv") and not args.keep_prompt_cache:
             model._prompt_kv.clear()  # every prompt's cache is computed in each timed run
         new_tokens = [None] * len(inputs)
         for rows, name in batches:
@@ -214,6 +215,8 @@ def many_prompts_side(args) -> dict:
     repeats = args.peft_repeats if args.side == "PEFT set_adapter per group" else args.repeats
     with torch.no_grad(), PeakMemory() as memory:
         generate(torch.tensor(inputs[:2]), names[0])  # warm-up
+        if args.keep_prompt_cache:
+            run(*plans[max(counts)])  # computes every prompt's cache, as a server that keeps them would
         for _ in range(repeats):  # the fastest run: the least disturbed by other processes
             for num_prompts, (row_names, batches) in plans.items():  # with --interleave, the Ks take turns
                 new_tokens, run_seconds = timed(lambda: run(row_names, batches))
@@ -251,19 +254,21 @@ def many_prompts(args, model_dir: str, base, tokenizer, data_rows: list[dict]) -
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results.append(json.loads(output.strip().splitlines()[-1]))
             print(f"K={num_prompts} {side}: {results[-1]['seconds']:.1f} s", file=sys.stderr)
-    interleaved = None
+    interleaved = {}
     if MANY_PROMPTS_SIDES[0] in args.sides and len(args.prompt_counts) > 1:
-        # The target's ratio with the load of the machine shared: every K in one process, in turn.
-        command = [sys.executable, __file__, "--setup", str(setup), "--side", MANY_PROMPTS_SIDES[0], "--interleave",
-                   *map(str, args.prompt_counts), "--max-new-tokens", str(args.max_new_tokens),
-                   "--batch-size", str(args.batch_size), "--repeats", str(args.repeats)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        interleaved = json.loads(output.strip().splitlines()[-1])["interleaved_seconds"]
+        # The target's ratio with the load of the machine shared: every K in one process, in turn;
+        # with each prompt's cache computed in every run, and computed once before them.
+        for caches, flags in (("computed in each run", []), ("computed once, before the runs", ["--keep-prompt-cache"])):
+            command = [sys.executable, __file__, "--setup", str(setup), "--side", MANY_PROMPTS_SIDES[0], "--interleave",
+                       *map(str, args.prompt_counts), "--max-new-tokens", str(args.max_new_tokens),
+                       "--batch-size", str(args.batch_size), "--repeats", str(args.repeats), *flags]
+            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            interleaved[caches] = json.loads(output.strip().splitlines()[-1])["interleaved_seconds"]
     write_many_prompts_report(args, model_dir, inputs, results, interleaved)
 
 
 def write_many_prompts_report(
-    args, model_dir: str, inputs: list[list[int]], results: list[dict], interleaved: dict | None
+    args, model_dir: str, inputs: list[list[int]], results: list[dict], interleaved: dict[str, dict]
 ) -> None:
     name = Path(args.model).name if args.model else "tiny-llama"
     command = (f"python benchmarks/bench_infer.py --many-prompts --model {args.model} --data {args.data} "
@@ -293,12 +298,15 @@ def write_many_prompts_report(
         same = f"{r['rows_with_same_tokens_as_mixed']} / {len(inputs)}" if mixed else "-"
         lines.append(f"| {r['num_prompts']} | {r['side']} | {r['batches']} | {r['seconds']:.1f} | "
                      f"{new_tokens / r['seconds']:.1f} | {ratio} | {r['peak_memory_mib']:.0f} | {r['rise_mib']:.0f} | {same} |")
-    if interleaved:  # JSON keys: the K as text
-        first, last = interleaved[str(min(args.prompt_counts))], interleaved[str(max(args.prompt_counts))]
-        lines += ["", f"Ours mixed, every K in one process in turn ({args.repeats} rounds, the fastest run of each): "
-                  + ", ".join(f"K = {k}: {s:.1f} s" for k, s in interleaved.items())
-                  + f". K = {max(args.prompt_counts)} / K = {min(args.prompt_counts)}, same rows: "
-                  f"**{last / first:.2f}x** the time (target <= 1.2x)."]
+    if interleaved:
+        low, high = min(args.prompt_counts), max(args.prompt_counts)
+        lines += ["", f"Ours mixed, every K in one process in turn ({args.repeats} rounds, the fastest run of each), "
+                  f"K = {high} / K = {low} on the same rows (target <= 1.2x):", "",
+                  "| prompts' caches | " + " | ".join(f"K = {k}" for k in args.prompt_counts) + f" | K = {high} / K = {low} |",
+                  "| --- |" + " --- |" * (len(args.prompt_counts) + 1)]
+        for caches, seconds in interleaved.items():  # JSON keys: the K as text
+            lines.append(f"| {caches} | " + " | ".join(f"{seconds[str(k)]:.1f} s" for k in args.prompt_counts)
+                         + f" | **{seconds[str(high)] / seconds[str(low)]:.2f}x** |")
     lines += ["", "Memory each extra prompt holds:", "", "| side | prompt weights | cached keys and values | total |",
               "| --- | --- | --- | --- |"]
     for side in args.sides:
@@ -340,6 +348,7 @@ def main() -> None:
     many.add_argument("--side", help=argparse.SUPPRESS)
     many.add_argument("--num-prompts", type=int, help=argparse.SUPPRESS)
     many.add_argument("--interleave", type=int, nargs="+", help=argparse.SUPPRESS)
+    many.add_argument("--keep-prompt-cache", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.setup:

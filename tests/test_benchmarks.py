@@ -52,6 +52,7 @@ def test_bench_infer_generation_agrees_with_peft_uncached(tmp_path):
 
 
 def test_bench_infer_many_prompts_gives_every_side_the_same_tokens(tmp_path):
+    # About 20 s: four fresh processes (the script, then one per side, as it measures each side's own memory).
     run("bench_infer.py", tmp_path, "--many-prompts", "--rows", "6", "--max-new-tokens", "3", "--num-virtual-tokens", "4",
         "--input-tokens", "4", "--prompt-counts", "3", "--repeats", "1")
     report = json.loads((tmp_path / "infer-many-prompts-tiny-llama.json").read_text())

@@ -2,6 +2,7 @@
 
     python infer.py --model bigscience/bloomz-560m --checkpoint runs/hate/best --input "Sentence : ... Label :"
     python infer.py --model M --checkpoint DIR --classify --eval test.jsonl
+    python infer.py --model M --checkpoint hate=DIR1 --checkpoint topic=DIR2 --input-file rows.jsonl
 
 Errors are one line on stderr and exit code 2. The work is in soft_prompt/inference.py.
 """
@@ -20,7 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     parser = OneLineParser(prog="infer.py", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="the frozen base model: hub id or folder")
-    parser.add_argument("--checkpoint", required=True, help="a soft-prompt (or PEFT prompt-tuning) checkpoint directory")
+    parser.add_argument("--checkpoint", required=True, action="append",
+                        help="a soft-prompt (or PEFT prompt-tuning) checkpoint directory, or NAME=DIR; repeat for several "
+                        "prompts on one model (a .jsonl row picks one with \"prompt\": NAME, or null for none)")
     parser.add_argument("--input", action="append", help="a text; repeat for several")
     parser.add_argument("--input-file", help=".txt (one input a line) or .jsonl (objects with the template's fields, "
                         "or 'input'/'text' for generation)")

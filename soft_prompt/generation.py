@@ -2,9 +2,10 @@
 
 Two paths give the same tokens:
 
-- prefix cache (greedy or sampling without beams, on architectures where it is exact): the soft
+- prefix cache (greedy or sampling without beams, on architectures where it is exact): each soft
   prompt's keys and values are computed once and reused by every batch; a short decode loop here
-  drives the cache, laid out `[P][pad][x]`.
+  drives the cache, laid out `[P][pad][x]`. A batch mixing prompts gathers each row's prompt
+  cache, shorter ones after masked slots: `[pad][P_row][pad][x]`.
 - otherwise the frozen model's own `generate()` gets the prefill as `inputs_embeds` `[pad][P][x]`;
   it derives position ids from the mask, so the text follows the prompt.
 
@@ -16,10 +17,12 @@ virtual tokens or the padding (Hugging Face's own would see only the generated i
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
+    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -46,11 +49,14 @@ def generate(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     prefix_cache: bool = True,
+    prompt_names: Sequence[str | None] | None = None,
     **generation_kwargs,
 ):
     """Generate after `[P][x]`; returns the real input ids followed by the new tokens,
     `[B * copies, T + N]` (copies = `num_return_sequences`), as PEFT does. See
     `SoftPromptModel.generate` for the arguments."""
+    if prompt_names is not None:
+        model.prompt_mask(prompt_names, input_ids.shape[0])  # a bad name fails here, before any work
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     input_ids, attention_mask = left_align(input_ids, attention_mask)
@@ -65,10 +71,10 @@ def generate(
         config.repetition_penalty = 1.0
 
     if prefix_cache and not model_kwargs and prefix_cache_supported(model) and decode_loop_handles(config):
-        new_tokens = generate_from_prompt_cache(model, input_ids, attention_mask, config, processors)
+        new_tokens = generate_from_prompt_cache(model, input_ids, attention_mask, config, processors, prompt_names)
         output = None
     else:
-        inputs = model.prepare_inputs(input_ids, attention_mask, prompt_first=False)
+        inputs = model.prepare_inputs(input_ids, attention_mask, prompt_first=False, prompt_names=prompt_names)
         inputs.pop("position_ids", None)  # generate() derives them from the mask at every step
         output = base_model.generate(**inputs, generation_config=config, logits_processor=processors, **model_kwargs)
         # With inputs_embeds and no input_ids, generate() returns only the new tokens.
@@ -93,21 +99,45 @@ def prefix_cache_supported(model: SoftPromptModel) -> bool:
     return full_attention and positions_not_from_slots and not config.is_encoder_decoder
 
 
-def prompt_cache(model: SoftPromptModel):
-    """The frozen model's cache after the soft prompt alone, at positions 0..V-1, batch 1.
+def prompt_cache(model: SoftPromptModel, name: str):
+    """The frozen model's cache after prompt `name` alone, at positions 0..V-1, batch 1.
 
-    The prompt's keys and values do not depend on the text after it (causal attention), so they
-    are computed once and recomputed only when the prompt changes: an in-place update (its
-    version counter), a new tensor or device (its data pointer) or another compute dtype.
+    A prompt's keys and values do not depend on the text after it (causal attention), so they
+    are computed once per prompt and recomputed only when that prompt changes: an in-place update
+    (its version counter), a new tensor or device (its data pointer) or another compute dtype.
     """
-    weight, base_model = model.prompt.weight, model.base_model
+    weight, base_model = model.prompts[name].weight, model.base_model
     key = (weight._version, weight.data_ptr(), base_model.dtype)
-    if model._prompt_kv is None or model._prompt_kv[0] != key:
+    cached = model._prompt_kv.get(name)
+    if cached is None or cached[0] != key:
         inputs = {"inputs_embeds": weight[None].to(base_model.dtype)}  # [1, V, D]
         if model.takes_position_ids:
-            inputs["position_ids"] = torch.arange(model.num_virtual_tokens, device=weight.device)[None]  # [1, V]
-        model._prompt_kv = (key, base_model(**inputs, use_cache=True)[model.cache_argument])
-    return model._prompt_kv[1]
+            inputs["position_ids"] = torch.arange(weight.shape[0], device=weight.device)[None]  # [1, V]
+        cached = model._prompt_kv[name] = (key, base_model(**inputs, use_cache=True)[model.cache_argument])
+    return cached[1]
+
+
+def batch_prompt_cache(model: SoftPromptModel, prompt_names: Sequence[str | None]) -> tuple[DynamicCache, torch.Tensor]:
+    """A fresh cache whose row r holds the keys and values of prompt `prompt_names[r]` (None:
+    none), gathered from each prompt's cache: `[B, heads, V, d]` in every layer, V the longest
+    prompt, a shorter one right-aligned after zero slots; and the mask `[B, V]` hiding those slots."""
+    batch_size = len(prompt_names)
+    prompt_mask = model.prompt_mask(prompt_names, batch_size)  # [B, V]
+    num_virtual = prompt_mask.shape[1]
+    caches = {name: prompt_cache(model, name) for name in dict.fromkeys(prompt_names) if name is not None}
+    if not caches:  # no row has a prompt
+        return DynamicCache(), prompt_mask
+    layers = []
+    for index, like in enumerate(next(iter(caches.values())).layers):
+        keys = like.keys.new_zeros(batch_size, like.keys.shape[1], num_virtual, like.keys.shape[3])
+        values = like.values.new_zeros(batch_size, like.values.shape[1], num_virtual, like.values.shape[3])
+        for name, cache in caches.items():
+            rows = [row for row, row_name in enumerate(prompt_names) if row_name == name]
+            layer = cache.layers[index]  # [1, heads, V_name, d]
+            keys[rows, :, num_virtual - layer.keys.shape[2] :] = layer.keys
+            values[rows, :, num_virtual - layer.values.shape[2] :] = layer.values
+        layers.append((keys, values))
+    return DynamicCache(ddp_cache_data=layers), prompt_mask
 
 
 def generate_from_prompt_cache(
@@ -116,18 +146,20 @@ def generate_from_prompt_cache(
     attention_mask: torch.Tensor,
     config,
     processors: LogitsProcessorList,
+    prompt_names: Sequence[str | None] | None = None,
 ) -> torch.Tensor:
-    """Greedy or sampled decoding, as generate() does it, starting from the cached prompt.
+    """Greedy or sampled decoding, as generate() does it, starting from the cached prompts.
 
     The layout is `[P][pad][x]`: the mask hides the padding and the position ids (or BLOOM's
-    mask-derived ALiBi positions) put the text at V, V + 1, ..., as in `[pad][P][x]`.
+    mask-derived ALiBi positions) put the text at V, V + 1, ..., as in `[pad][P][x]`; a row with a
+    shorter prompt (or none) has masked slots before it, so its text follows its own prompt.
     Returns the new tokens `[B, N]`; rows that ended get `pad_token_id` after their eos.
     """
     base_model = model.base_model
-    batch_size, num_virtual = input_ids.shape[0], model.num_virtual_tokens
-    cache = copy.deepcopy(prompt_cache(model))
-    cache.batch_repeat_interleave(batch_size)  # [1, heads, V, d] -> [B, heads, V, d] in every layer
-    attention_mask = torch.cat([attention_mask.new_ones(batch_size, num_virtual), attention_mask], dim=1)  # [B, V + T]
+    batch_size = input_ids.shape[0]
+    cache, prompt_mask = batch_prompt_cache(model, prompt_names or [model.active_prompt] * batch_size)
+    num_virtual = prompt_mask.shape[1]
+    attention_mask = torch.cat([prompt_mask.to(attention_mask), attention_mask], dim=1)  # [B, V + T]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, num_virtual:]  # [B, T]
     if config.do_sample:
         processors = LogitsProcessorList([*processors, *sampling_warpers(config)])

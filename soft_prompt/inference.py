@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,8 +20,8 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, check_output_folder, write_atomic
 from .data import check_label_words, read_json_lines, read_lines, template_fields
-from .model import SoftPromptModel, load_base_model
-from .scoring import truncate_left
+from .model import DEFAULT_PROMPT, SoftPromptModel, load_base_model
+from .scoring import label_sequences, truncate_left
 
 
 class InferenceError(ValueError):
@@ -30,26 +32,71 @@ class InferenceError(ValueError):
 
 
 def load_model(
-    model_name: str, checkpoint: str, precision: str = "fp32", device: str | None = None, strict: bool = False
+    model_name: str,
+    checkpoints: str | dict[str, str],
+    precision: str = "fp32",
+    device: str | None = None,
+    strict: bool = False,
 ) -> SoftPromptModel:
-    """The frozen model `model_name` (hub id or folder) with its tokenizer and the checkpoint's prompt.
+    """The frozen model `model_name` (hub id or folder) with its tokenizer and the checkpoints'
+    prompts: one directory (named "default") or {name: directory}. The active prompt is "default"
+    when there is one, else the first.
 
     A checkpoint recorded for another base model is a warning, or an error with `strict`; one with
     another embedding size, or missing or corrupt, raises `CheckpointError`.
     """
+    if isinstance(checkpoints, str):
+        checkpoints = {DEFAULT_PROMPT: checkpoints}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         base, tokenizer = load_base_model(model_name, precision, device)
     except ValueError as error:
         raise InferenceError(str(error)) from None
-    model = SoftPromptModel.from_pretrained(base, checkpoint, tokenizer=tokenizer)
-    recorded = model.metadata.get("base_model_name_or_path")
-    if recorded and not same_model_name(recorded, model_name):
-        message = f"checkpoint {checkpoint} was trained on {recorded!r}, not {model_name!r}"
-        if strict:
-            raise CheckpointError(message + " (--strict)")
-        warnings.warn(message + ": its outputs may be meaningless (--strict makes this an error)")
+    (first_name, first_directory), *others = checkpoints.items()
+    model = SoftPromptModel.from_pretrained(base, first_directory, tokenizer=tokenizer, name=first_name)
+    for name, directory in others:
+        model.load_prompt(directory, name)
+    for name, checkpoint in checkpoints.items():
+        recorded = model.prompt_metadata[name].get("base_model_name_or_path")
+        if recorded and not same_model_name(recorded, model_name):
+            message = f"checkpoint {checkpoint} was trained on {recorded!r}, not {model_name!r}"
+            if strict:
+                raise CheckpointError(message + " (--strict)")
+            warnings.warn(message + ": its outputs may be meaningless (--strict makes this an error)")
+    model.set_prompt(DEFAULT_PROMPT if DEFAULT_PROMPT in checkpoints else first_name)
     return model
+
+
+def checkpoint_names(values: Sequence[str]) -> dict[str, str]:
+    """--checkpoint values as {name: directory}, in order: `NAME=DIR`, or a bare `DIR` named "default"
+    (also a directory whose own name holds "=")."""
+    checkpoints = {}
+    for value in values:
+        name, separator, directory = value.partition("=")
+        if not separator or not re.fullmatch(r"[\w-]+", name) or Path(value).is_dir():
+            name, directory = DEFAULT_PROMPT, value
+        if name in checkpoints:
+            raise InferenceError(
+                f"--checkpoint: two checkpoints are named {name!r} ({checkpoints[name]} and {directory}); "
+                "name each one: --checkpoint NAME=DIR"
+            )
+        checkpoints[name] = directory
+    return checkpoints
+
+
+def row_prompt_names(model: SoftPromptModel, rows: list[str | dict]) -> list[str | None]:
+    """Each input row's prompt: a .jsonl row's "prompt" field (a checkpoint's name, or null for the
+    frozen model alone), else the model's active prompt."""
+    names = []
+    for number, row in enumerate(rows, 1):
+        name = row["prompt"] if isinstance(row, dict) and "prompt" in row else model.active_prompt
+        if name is not None and (not isinstance(name, str) or name not in model.prompts):
+            raise InferenceError(
+                f"input row {number} has \"prompt\": {json.dumps(name)}, which names no checkpoint: use one of "
+                f"{model.prompt_names} (--checkpoint NAME=DIR) or null for the frozen model alone"
+            )
+        names.append(name)
+    return names
 
 
 def same_model_name(a: str, b: str) -> bool:
@@ -143,10 +190,12 @@ def write_output(path: str, text: str) -> None:
 
 
 def check_room(model: SoftPromptModel, max_new_tokens: int) -> None:
-    """The virtual tokens and `max_new_tokens` must leave the input at least one position."""
-    if model.context_length is not None and model.num_virtual_tokens + max_new_tokens >= model.context_length:
+    """The virtual tokens of the longest loaded prompt and `max_new_tokens` must leave the input at
+    least one position."""
+    num_virtual = max(model.prompt_length(name) for name in model.prompt_names)
+    if model.context_length is not None and num_virtual + max_new_tokens >= model.context_length:
         raise InferenceError(
-            f"--max-new-tokens {max_new_tokens} and the prompt's {model.num_virtual_tokens} virtual tokens leave no room "
+            f"--max-new-tokens {max_new_tokens} and the prompt's {num_virtual} virtual tokens leave no room "
             f"for the input in the model's context of {model.context_length} positions: lower --max-new-tokens"
         )
 
@@ -173,26 +222,35 @@ def batches(items: list, batch_size: int, description: str):
 
 @torch.no_grad()
 def generate_texts(
-    model: SoftPromptModel, texts: list[str], batch_size: int = 8, use_prompt: bool = True, **generation_kwargs
+    model: SoftPromptModel,
+    texts: list[str],
+    batch_size: int = 8,
+    use_prompt: bool = True,
+    prompt_names: Sequence[str | None] | None = None,
+    **generation_kwargs,
 ) -> list[str]:
     """The continuation of each text (decoded new tokens), generated in left-padded batches.
 
-    `use_prompt=False` runs the frozen model's own generate() on the ids, for comparison. Inputs
-    that leave no room for `max_new_tokens` in the context keep their end, with a warning.
+    `prompt_names` gives each text its own prompt (None: the frozen model alone), mixed in the same
+    batches; by default the active one. `use_prompt=False` runs the frozen model's own generate()
+    on the ids, for comparison. Inputs that leave no room for `max_new_tokens` in the context keep
+    their end, with a warning.
     """
     tokenizer = model.tokenizer
-    room = model.context_length
-    if room is not None:
-        room -= generation_kwargs.get("max_new_tokens") or 0
-        room -= model.num_virtual_tokens if use_prompt else 0
+    if prompt_names is None:
+        prompt_names = [model.active_prompt] * len(texts)
+    if not use_prompt:
+        prompt_names = [None] * len(texts)
     outputs = []
-    for chunk in batches(texts, batch_size, "generating" if use_prompt else "generating (base)"):
-        ids = [tokenizer(text)["input_ids"] for text in chunk]
-        ids = [truncate_left(row, room) if room is not None else row for row in ids]
+    for chunk in batches(list(zip(texts, prompt_names)), batch_size, "generating" if use_prompt else "generating (base)"):
+        ids, names = [tokenizer(text)["input_ids"] for text, _ in chunk], [name for _, name in chunk]
+        if model.context_length is not None:
+            room = model.context_length - (generation_kwargs.get("max_new_tokens") or 0)
+            ids = [truncate_left(row, room - model.prompt_length(name)) for row, name in zip(ids, names)]
         tokenizer.padding_side = "left"
         inputs = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
         if use_prompt:
-            sequences = model.generate(**inputs, **generation_kwargs)
+            sequences = model.generate(**inputs, prompt_names=names, **generation_kwargs)
         else:
             sequences = model.base_model.generate(**inputs, **generation_kwargs)
         copies = sequences.shape[0] // len(chunk)
@@ -204,20 +262,28 @@ def generate_texts(
 def classify_rows(
     model: SoftPromptModel,
     rows: list[str | dict],
-    labels: list[str],
-    template: str,
+    prompt_names: Sequence[str | None],
+    tasks: Sequence[tuple[str, list[str]]],
     batch_size: int = 8,
-    use_prompt: bool = True,
-) -> tuple[list[str], torch.Tensor]:
-    """`model.classify` over all rows, a batch of rows at a time (with a progress bar)."""
+) -> tuple[list[str], list[list[float]]]:
+    """Label scoring of each row after its prompt (None: the frozen model alone) with its own
+    (template, label words) from `tasks`, about `batch_size` rows a batch, longest first over all
+    rows, rows of every prompt sharing the batches. Returns each row's best label and its labels'
+    scores."""
+    sequences, names = [], []
+    for row, name, (template, labels) in zip(rows, prompt_names, tasks):
+        sequences += label_sequences([row], labels, template, model.tokenizer)
+        names += [name] * len(labels)
+    most_labels = max(len(labels) for _, labels in tasks)
+    totals = model.completion_log_probs(
+        sequences, model.tokenizer.pad_token_id, batch_size=batch_size * most_labels, prompt_names=names
+    ).tolist()
     predictions, scores = [], []
-    for chunk in batches(rows, batch_size, "scoring labels" if use_prompt else "scoring labels (base)"):
-        chunk_predictions, chunk_scores = model.classify(
-            chunk, labels, template=template, batch_size=batch_size * len(labels), use_prompt=use_prompt
-        )
-        predictions += chunk_predictions
-        scores.append(chunk_scores)
-    return predictions, torch.cat(scores)
+    for _, labels in tasks:
+        row_scores, totals = totals[: len(labels)], totals[len(labels) :]
+        predictions.append(labels[max(range(len(labels)), key=row_scores.__getitem__)])
+        scores.append(row_scores)
+    return predictions, scores
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -295,7 +361,8 @@ def run(options: argparse.Namespace) -> None:
 
     if options.seed is not None:
         torch.manual_seed(options.seed)
-    model = load_model(options.model, options.checkpoint, options.precision, options.device, options.strict)
+    checkpoints = checkpoint_names(options.checkpoint)
+    model = load_model(options.model, checkpoints, options.precision, options.device, options.strict)
     if not classifying:
         check_room(model, options.max_new_tokens)
     if classifying:
@@ -309,56 +376,89 @@ def run(options: argparse.Namespace) -> None:
 
 def generate_command(model: SoftPromptModel, rows: list, options: argparse.Namespace) -> tuple[list[dict], str]:
     texts = [generation_text(row) for row in rows]
+    names = row_prompt_names(model, rows)
     kwargs = generation_options(options)
-    tuned = generate_texts(model, texts, options.batch_size, **kwargs)
+    tuned = generate_texts(model, texts, options.batch_size, prompt_names=names, **kwargs)
     base = generate_texts(model, texts, options.batch_size, use_prompt=False, **kwargs) if options.compare_base else None
+    several = len(model.prompt_names) > 1 or None in names
     records, lines = [], []
     for i, text in enumerate(texts):
-        records.append({"input": text, "output": tuned[i], **({"base_output": base[i]} if base else {})})
-        lines += [f"input:  {text}", f"tuned:  {tuned[i]}"] + ([f"base:   {base[i]}"] if base else []) + [""]
+        records.append({"input": text, "prompt": names[i], "output": tuned[i], **({"base_output": base[i]} if base else {})})
+        lines += [f"input:  {text}"] + ([f"prompt: {names[i]}"] if several else []) + [f"tuned:  {tuned[i]}"]
+        lines += ([f"base:   {base[i]}"] if base else []) + [""]
     return records, "\n".join(lines).rstrip()
 
 
-def classify_command(model: SoftPromptModel, rows: list, options: argparse.Namespace) -> tuple[list[dict], str]:
-    template = options.template or model.metadata.get("template")
+def label_task(model: SoftPromptModel, name: str | None, options: argparse.Namespace) -> tuple[str, list[str]]:
+    """(template, label words) for the rows of prompt `name`: the flags, else its checkpoint's (the
+    active prompt's for rows without one)."""
+    owner = name if name is not None else model.active_prompt
+    metadata = model.prompt_metadata[owner]
+    template = options.template or metadata.get("template")
     if not template:
-        raise InferenceError("no template: the checkpoint records none; pass --template 'Sentence : {text} Label : {label}'")
-    labels = options.labels or model.metadata.get("label_words")
+        raise InferenceError(f"no template: checkpoint {owner!r} records none; pass --template 'Sentence : {{text}} Label : {{label}}'")
+    labels = options.labels or metadata.get("label_words")
     if not labels:
-        raise InferenceError("no label words: the checkpoint records none; pass --labels WORDS [WORDS ...]")
+        raise InferenceError(f"no label words: checkpoint {owner!r} records none; pass --labels WORDS [WORDS ...]")
     try:
         check_label_words(labels, "--labels" if options.labels else "the checkpoint's label_words")
-        fields = template_fields(template)
+        template_fields(template)
     except ValueError as error:
         raise InferenceError(str(error)) from None
-    gold = None
-    if options.eval is not None:
-        missing = [i for i, row in enumerate(rows, 1) if not isinstance(row, dict) or fields[-1] not in row]
-        if missing:
-            raise InferenceError(f"{options.eval}: rows {missing[:5]} have no {fields[-1]!r} field (the template's label)")
-        gold = [row[fields[-1]] for row in rows]
-        unknown = sorted(set(gold) - set(labels))
-        if unknown:
-            raise InferenceError(f"{options.eval}: gold labels {unknown} are not among the label words {labels}")
+    return template, list(labels)
+
+
+def gold_labels(rows: list, tasks: list[tuple[str, list[str]]], path: str) -> list[str]:
+    """Each row's gold label: its template's last field, which must be one of its label words."""
+    missing, unknown = {}, {}  # label field -> row numbers; label words -> gold labels not among them
+    for number, (row, (template, labels)) in enumerate(zip(rows, tasks), 1):
+        field = template_fields(template)[-1]
+        if not isinstance(row, dict) or field not in row:
+            missing.setdefault(field, []).append(number)
+        elif row[field] not in labels:
+            unknown.setdefault(tuple(labels), set()).add(row[field])
+    for field, numbers in missing.items():
+        raise InferenceError(f"{path}: rows {numbers[:5]} have no {field!r} field (the template's label)")
+    for labels, gold in unknown.items():
+        raise InferenceError(f"{path}: gold labels {sorted(gold)} are not among the label words {list(labels)}")
+    return [row[template_fields(template)[-1]] for row, (template, _) in zip(rows, tasks)]
+
+
+def classify_command(model: SoftPromptModel, rows: list, options: argparse.Namespace) -> tuple[list[dict], str]:
+    names = row_prompt_names(model, rows)
+    tasks_by_prompt = {name: label_task(model, name, options) for name in dict.fromkeys(names)}
+    tasks = [tasks_by_prompt[name] for name in names]
+    gold = gold_labels(rows, tasks, options.eval) if options.eval is not None else None
     try:
-        runs = {"tuned (soft prompt)": classify_rows(model, rows, labels, template, options.batch_size)}
+        predictions, scores = classify_rows(model, rows, names, tasks, options.batch_size)
+        base = None
         if options.compare_base or gold is not None:
-            runs["base (no prompt)"] = classify_rows(model, rows, labels, template, options.batch_size, use_prompt=False)
+            base = classify_rows(model, rows, [None] * len(rows), tasks, options.batch_size)
     except ValueError as error:  # a row missing a template field, an empty label, ...
         raise InferenceError(str(error)) from None
 
-    (predictions, scores), base = runs["tuned (soft prompt)"], runs.get("base (no prompt)")
     records = []
     for i, row in enumerate(rows):
-        record = {"input": row, "prediction": predictions[i], "scores": dict(zip(labels, scores[i].tolist()))}
+        labels = tasks[i][1]
+        record = {"input": row, "prompt": names[i], "prediction": predictions[i], "scores": dict(zip(labels, scores[i]))}
         if base is not None:
-            record.update(base_prediction=base[0][i], base_scores=dict(zip(labels, base[1][i].tolist())))
+            record.update(base_prediction=base[0][i], base_scores=dict(zip(labels, base[1][i])))
         if gold is not None:
             record["label"] = gold[i]
         records.append(record)
     if gold is None:
         lines = [f"{record['prediction']}\t{row}" for record, row in zip(records, rows)]
         return records, "\n".join(lines)
-    results = {name: evaluate(gold, run_predictions, labels) for name, (run_predictions, _) in runs.items()}
+    results = {}
+    for name, (_, labels) in tasks_by_prompt.items():
+        # Each prompt's rows on their own: its accuracy, and the frozen model's on the same rows.
+        rows_of = [i for i, row_name in enumerate(names) if row_name == name]
+        gold_of = [gold[i] for i in rows_of]
+        if name is None:
+            results["null rows, base (no prompt)"] = evaluate(gold_of, [base[0][i] for i in rows_of], labels)
+            continue
+        one = len(tasks_by_prompt) == 1
+        results["tuned (soft prompt)" if one else f"{name} (soft prompt)"] = evaluate(gold_of, [predictions[i] for i in rows_of], labels)
+        results["base (no prompt)" if one else f"{name} rows, base (no prompt)"] = evaluate(gold_of, [base[0][i] for i in rows_of], labels)
     write_output(options.metrics, json.dumps(results, indent=2) + "\n")
     return records, format_table(results) + f"\n\nmetrics written to {options.metrics}"

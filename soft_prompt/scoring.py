@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm import tqdm
 
 from .data import split_template, template_fields
+from .generation import batch_prompt_cache, prefix_cache_supported
 
 if TYPE_CHECKING:
     from .model import SoftPromptModel
@@ -28,6 +30,7 @@ def classify(
     tokenizer=None,
     batch_size: int = 16,
     use_prompt: bool = True,
+    prompt_names: Sequence[str | None] | None = None,
 ) -> tuple[list[str], torch.Tensor]:
     """The best label for each text, and the scores `[len(texts), len(labels)]`; see
     `SoftPromptModel.classify`."""
@@ -37,6 +40,22 @@ def classify(
         raise ValueError("no template: pass template=... (the checkpoint records none)")
     if tokenizer is None:
         raise ValueError("classify needs a tokenizer: pass tokenizer=... or load the model with one")
+    sequences = label_sequences(texts, labels, template, tokenizer)
+    if prompt_names is not None:
+        if len(prompt_names) != len(texts):
+            raise ValueError(f"prompt_names has {len(prompt_names)} names for {len(texts)} texts")
+        prompt_names = [name for name in prompt_names for _ in labels]  # one per (text, label) pair
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = completion_log_probs(model, sequences, pad_id, batch_size, use_prompt, prompt_names)
+    scores = scores.view(len(texts), len(labels))
+    return [labels[index] for index in scores.argmax(dim=1).tolist()], scores
+
+
+def label_sequences(
+    texts: Sequence[str | dict], labels: Sequence[str], template: str, tokenizer
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, label ids) for each text and each label in turn: the text fills the template
+    (a str its first field, a dict names the fields) and the label its last field."""
     if not labels or not all(isinstance(label, str) and label.strip() for label in labels):
         raise ValueError(f"labels must be non-empty strings, got {list(labels)!r}")
     fields = template_fields(template)
@@ -52,10 +71,7 @@ def classify(
             prompt_ids = tokenizer(prompt)["input_ids"]
             completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
             sequences.append((prompt_ids, completion_ids))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = completion_log_probs(model, sequences, pad_id, batch_size, use_prompt)
-    scores = scores.view(len(texts), len(labels))
-    return [labels[index] for index in scores.argmax(dim=1).tolist()], scores
+    return sequences
 
 
 @torch.no_grad()
@@ -65,54 +81,162 @@ def completion_log_probs(
     pad_id: int = 0,
     batch_size: int = 16,
     use_prompt: bool = True,
+    prompt_names: Sequence[str | None] | None = None,
 ) -> torch.Tensor:
     """The total log-probability `[N]` (fp32) of each completion given its prompt: `sequences`
-    holds (prompt ids, completion ids) pairs. Batched, right-padded `[P][x][pad]`; prompts too long
-    for the context are cut from the left, with a warning."""
-    base_model, device = model.base_model, model.device
-    num_virtual = model.num_virtual_tokens if use_prompt else 0
+    holds (prompt ids, completion ids) pairs. Each sequence is scored after the active soft
+    prompt, after none (`use_prompt=False`), or after its own (`prompt_names`, a name or None
+    each, mixed in the same batches). Prompts too long for the context are cut from the left,
+    with a warning.
+
+    Sequences that share their prompt ids and soft prompt (one text's labels) share one pass over
+    that prefix where the prefix cache is exact (see `shared_prefix_log_probs`); elsewhere each
+    sequence runs whole (`whole_sequence_log_probs`). Either way about `batch_size` sequences go
+    in a batch, longest first over all of them, and the scores come back in the caller's order.
+    """
+    if prompt_names is None:
+        prompt_names = [model.active_prompt if use_prompt else None] * len(sequences)
+    if len(prompt_names) != len(sequences):
+        raise ValueError(f"prompt_names has {len(prompt_names)} names for {len(sequences)} sequences")
+    fitted = []
+    for (prompt_ids, completion_ids), name in zip(sequences, prompt_names):
+        if not prompt_ids or not completion_ids:
+            raise ValueError("label scoring needs tokens before the label and a non-empty label")
+        if model.context_length is not None:
+            prompt_ids = truncate_left(prompt_ids, model.context_length - model.prompt_length(name) - len(completion_ids))
+        fitted.append((list(prompt_ids), list(completion_ids)))
+    if prefix_cache_supported(model):
+        return shared_prefix_log_probs(model, fitted, prompt_names, pad_id, batch_size)
+    return whole_sequence_log_probs(model, fitted, prompt_names, pad_id, batch_size)
+
+
+@torch.no_grad()
+def shared_prefix_log_probs(
+    model: SoftPromptModel,
+    sequences: Sequence[tuple[list[int], list[int]]],
+    prompt_names: Sequence[str | None],
+    pad_id: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """`completion_log_probs` with one pass per prefix: the soft prompt's keys and values from its
+    cache (`generation.batch_prompt_cache`), the text once after them, `[P][x][pad]`, whose last
+    position predicts every completion's first token; then each completion's other tokens after a
+    copy of its text's keys and values, `[P][x][pad][c][pad]`, the positions counting only real
+    tokens (as the generation prefix cache does, exact where it is)."""
+    device = model.device
+    prefixes: dict[tuple, list[int]] = {}  # (soft prompt, prompt ids) -> the sequences after it
+    for index, ((prompt_ids, _), name) in enumerate(zip(sequences, prompt_names)):
+        prefixes.setdefault((name, tuple(prompt_ids)), []).append(index)
+    order = sorted(prefixes, key=lambda key: -(model.prompt_length(key[0]) + len(key[1])))
+    batches = list(prefix_batches(order, prefixes, batch_size))
+    totals = torch.zeros(len(sequences), device=device)
+    for batch in tqdm(batches, desc="scoring labels", disable=None if len(batches) > 1 else True, leave=False):
+        names, texts = [name for name, _ in batch], [list(ids) for _, ids in batch]
+        cache, prompt_mask = batch_prompt_cache(model, names)  # [G, heads, V, d], [G, V]
+        text_ids, text_mask = right_padded(texts, pad_id, device)  # [G, T]
+        mask = torch.cat([prompt_mask, text_mask], dim=1)  # [G, V + T]
+        inputs = {"input_ids": text_ids, "attention_mask": mask, **continued_positions(model, mask, text_ids.shape[1])}
+        members = [(group, index) for group, key in enumerate(batch) for index in prefixes[key]]
+        groups, indices = [group for group, _ in members], [index for _, index in members]
+        # Each completion's first token is predicted by its text's last real position.
+        first_logits = selected_logits(model, inputs, groups, [len(texts[group]) - 1 for group in groups], cache)
+        firsts = torch.tensor([sequences[index][1][0] for index in indices], device=device)
+        totals[indices] += first_logits.log_softmax(dim=-1).gather(1, firsts[:, None])[:, 0]
+        longer = [(group, index) for group, index in members if len(sequences[index][1]) > 1]
+        if not longer:
+            continue
+        # The other tokens: completion ids but the last after their text's keys and values, [E, C - 1].
+        cache.batch_select_indices(torch.tensor([group for group, _ in longer], device=device))  # [E, heads, V + T, d]
+        completions = [sequences[index][1] for _, index in longer]
+        label_ids, label_mask = right_padded([ids[:-1] for ids in completions], pad_id, device)
+        mask = torch.cat([mask[[group for group, _ in longer]], label_mask], dim=1)  # [E, V + T + C - 1]
+        inputs = {"input_ids": label_ids, "attention_mask": mask, **continued_positions(model, mask, label_ids.shape[1])}
+        rows = [row for row, ids in enumerate(completions) for _ in ids[1:]]
+        positions = [position for ids in completions for position in range(len(ids) - 1)]
+        targets = torch.tensor([token for ids in completions for token in ids[1:]], device=device)
+        token_log_probs = selected_logits(model, inputs, rows, positions, cache).log_softmax(dim=-1).gather(1, targets[:, None])
+        rows_index = torch.tensor([index for _, index in longer], device=device)[torch.tensor(rows, device=device)]
+        totals.index_add_(0, rows_index, token_log_probs[:, 0])
+    return totals.cpu()
+
+
+def prefix_batches(order: list, prefixes: dict[tuple, list[int]], batch_size: int):
+    """Prefixes in `order`, grouped so that a batch holds about `batch_size` sequences (at least one prefix)."""
+    batch, count = [], 0
+    for key in order:
+        if batch and count + len(prefixes[key]) > batch_size:
+            yield batch
+            batch, count = [], 0
+        batch.append(key)
+        count += len(prefixes[key])
+    if batch:
+        yield batch
+
+
+def right_padded(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as a right-padded batch `[B, T]` and its mask."""
+    length = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def continued_positions(model: SoftPromptModel, attention_mask: torch.Tensor, new_length: int) -> dict:
+    """The position ids `[B, new]` of the last `new_length` columns, counting only real positions
+    before them (BLOOM takes its positions from the mask instead: nothing to pass)."""
+    if not model.takes_position_ids:
+        return {}
+    return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_length:]}
+
+
+def selected_logits(model: SoftPromptModel, inputs: dict, rows: list[int], positions: list[int], cache=None) -> torch.Tensor:
+    """The fp32 logits `[n, vocab]` at (rows, positions) of the frozen model's output on `inputs`
+    (after `cache`, which grows): the LM head runs there only, not over `[B, T, vocab]`."""
+    base_model = model.base_model
+    rows, positions = torch.tensor(rows, device=model.device), torch.tensor(positions, device=model.device)
+    cache_inputs = {} if cache is None else {model.cache_argument: cache}
+    if model.plain_linear_head:
+        hidden = base_model.get_decoder()(**inputs, use_cache=cache is not None, **cache_inputs).last_hidden_state
+        return base_model.get_output_embeddings()(hidden[rows, positions]).float()
+    return base_model(**inputs, use_cache=cache is not None, **cache_inputs).logits[rows, positions].float()
+
+
+@torch.no_grad()
+def whole_sequence_log_probs(
+    model: SoftPromptModel,
+    sequences: Sequence[tuple[list[int], list[int]]],
+    prompt_names: Sequence[str | None],
+    pad_id: int,
+    batch_size: int,
+) -> torch.Tensor:
+    """`completion_log_probs` with every sequence run whole, right-padded `[pad][P][x][c][pad]`."""
+    device = model.device
     # Longest first, so each batch holds sequences of similar length (little padding computed);
     # the scores are put back in the caller's order at the end.
-    order = sorted(range(len(sequences)), key=lambda i: -(len(sequences[i][0]) + len(sequences[i][1])))
-    totals = []
+    order = sorted(range(len(sequences)),
+                   key=lambda i: -(model.prompt_length(prompt_names[i]) + len(sequences[i][0]) + len(sequences[i][1])))
+    totals = torch.zeros(len(sequences), device=device)
     for start in range(0, len(sequences), batch_size):
-        chunk = []
-        for prompt_ids, completion_ids in (sequences[i] for i in order[start : start + batch_size]):
-            if not prompt_ids or not completion_ids:
-                raise ValueError("label scoring needs tokens before the label and a non-empty label")
-            if model.context_length is not None:
-                prompt_ids = truncate_left(prompt_ids, model.context_length - num_virtual - len(completion_ids))
-            chunk.append((prompt_ids, completion_ids))
-        length = max(len(p) + len(c) for p, c in chunk)
-        input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
+        indices = order[start : start + batch_size]
+        input_ids, attention_mask = right_padded([sequences[i][0] + sequences[i][1] for i in indices], pad_id, device)
+        inputs = model.prepare_inputs(input_ids, attention_mask, prompt_names=[prompt_names[i] for i in indices])
+        num_virtual = inputs["inputs_embeds"].shape[1] - input_ids.shape[1]  # the batch's longest prompt
         rows, positions, targets = [], [], []
-        for row, (prompt_ids, completion_ids) in enumerate(chunk):
+        for row, index in enumerate(indices):
+            prompt_ids, completion_ids = sequences[index]
             ids = prompt_ids + completion_ids
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            # Token k is predicted by the output at position V + k - 1 (the prompt shifts it by V).
+            # Token k is predicted by the output at position V + k - 1 (the prompts shift it by V).
             for k in range(len(prompt_ids), len(ids)):
                 rows.append(row)
                 positions.append(num_virtual + k - 1)
                 targets.append(ids[k])
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        if use_prompt:
-            inputs = model.prepare_inputs(input_ids, attention_mask)
-        else:
-            inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        rows = torch.tensor(rows, device=device)
-        positions = torch.tensor(positions, device=device)
-        if model.plain_linear_head:
-            # The LM head only where a label token is predicted, not over [b, V + T, vocab].
-            hidden = base_model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-            selected = base_model.get_output_embeddings()(hidden[rows, positions]).float()  # [tokens, vocab]
-        else:
-            selected = base_model(**inputs, use_cache=False).logits[rows, positions].float()
-        token_log_probs = selected.log_softmax(dim=-1).gather(1, torch.tensor(targets, device=device)[:, None])
-        totals.append(torch.zeros(len(chunk), device=device).index_add_(0, rows, token_log_probs[:, 0]))
-    sorted_totals = torch.cat(totals).cpu()
-    return torch.empty_like(sorted_totals).index_copy_(0, torch.tensor(order, dtype=torch.long), sorted_totals)
+        token_log_probs = selected_logits(model, inputs, rows, positions).log_softmax(dim=-1)
+        token_log_probs = token_log_probs.gather(1, torch.tensor(targets, device=device)[:, None])[:, 0]
+        totals.index_add_(0, torch.tensor(indices, device=device)[torch.tensor(rows, device=device)], token_log_probs)
+    return totals.cpu()
 
 
 def truncate_left(ids: list[int], max_length: int) -> list[int]:

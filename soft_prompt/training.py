@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from .checkpoint import base_model_name, check_output_folder, json_bytes, load_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import check_output_folder, json_bytes, load_checkpoint, save_checkpoint, write_atomic
 from .config import TrainConfig
 from .data import (
     IGNORE_INDEX,

@@ -49,3 +49,19 @@ def test_bench_infer_generation_agrees_with_peft_uncached(tmp_path):
     sides = [row["side"] for row in report["classification"]]
     assert sides == ["ours classify()", "PEFT generate(max_new_tokens=3)"]
     assert report["classification"][0]["not_a_label"] == 0.0
+
+
+def test_bench_infer_many_prompts_gives_every_side_the_same_tokens(tmp_path):
+    # About 20 s: four fresh processes (the script, then one per side, as it measures each side's own memory).
+    run("bench_infer.py", tmp_path, "--many-prompts", "--rows", "6", "--max-new-tokens", "3", "--num-virtual-tokens", "4",
+        "--input-tokens", "4", "--prompt-counts", "3", "--repeats", "1")
+    report = json.loads((tmp_path / "infer-many-prompts-tiny-llama.json").read_text())
+    results = report["results"]
+    assert [row["side"] for row in results] == ["ours mixed batches", "ours switching per group", "PEFT set_adapter per group"]
+    assert [row["batches"] for row in results] == [1, 3, 3]  # 6 rows: one mixed batch, or one batch per prompt
+    for row in results:
+        assert row["num_prompts"] == 3 and row["seconds"] > 0 and row["rows_with_same_tokens_as_mixed"] == 6
+        assert row["prompt_bytes_each"] == 4 * 32 * 4  # V x D fp32
+    # Ours also caches each prompt's keys and values: 2 layers x (keys, values) x 2 kv heads x V x 8 dims, fp32.
+    assert results[0]["prompt_cache_bytes_each"] == 2 * 2 * 2 * 4 * 8 * 4
+    assert results[2]["prompt_cache_bytes_each"] == 0

@@ -83,3 +83,45 @@ def test_missing_template_tokenizer_or_labels_are_clear_errors(bloom):
         wrapper.classify(TEXTS, LABELS, template=TEMPLATE)
     with pytest.raises(ValueError, match="non-empty strings"):
         wrapper.classify(TEXTS, ["", "hate speech"], template=TEMPLATE, tokenizer=tokenizer)
+
+
+MANY_LABELS = ["no", "hate speech", "no hate speech", "the cat is lovely", "people", "fine", "music and more",
+               "animals", "those people are animals", "lovely"]  # 1 to 5 tokens each
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_shared_prefix_scores_equal_whole_sequences(model_and_tokenizer, batch_size):
+    from soft_prompt.scoring import label_sequences, shared_prefix_log_probs, whole_sequence_log_probs
+    from tests.test_generate import sharpen
+
+    model, tokenizer = model_and_tokenizer
+    wrapper = SoftPromptModel(sharpen(model), num_virtual_tokens=V, seed=0, tokenizer=tokenizer)
+    wrapper.add_prompt("long", 6, seed=1)
+    sequences = label_sequences(TEXTS, MANY_LABELS, TEMPLATE, tokenizer)
+    names = [name for name in ("default", "long", None) for _ in MANY_LABELS]  # one prompt per text
+    lengths = {len(completion) for _, completion in sequences}
+    assert min(lengths) == 1 and max(lengths) >= 4  # labels of different token lengths
+    shared = shared_prefix_log_probs(wrapper, sequences, names, tokenizer.pad_token_id, batch_size)
+    whole = whole_sequence_log_probs(wrapper, sequences, names, tokenizer.pad_token_id, 4)
+    torch.testing.assert_close(shared, whole, rtol=0, atol=1e-4)
+    assert whole.abs().max() > 10  # sharpened: scores far apart, so a wrong position could not pass
+
+
+def test_each_text_runs_once_whatever_its_labels(bloom):
+    model, tokenizer = bloom
+    wrapper = SoftPromptModel(model, num_virtual_tokens=V, seed=0, tokenizer=tokenizer, metadata={"template": TEMPLATE})
+    passes = []  # (rows, positions) of each forward: the prompt, the texts, the labels
+    model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: passes.append(tuple((kwargs.get("input_ids") if kwargs.get("input_ids") is not None
+                                                          else kwargs["inputs_embeds"]).shape[:2])),
+        with_kwargs=True,
+    )
+    wrapper.classify(TEXTS, MANY_LABELS, batch_size=100)
+    text_lengths = [len(tokenizer(f"Sentence : {text} Label :")["input_ids"]) for text in TEXTS]
+    label_lengths = [len(tokenizer(f" {label}", add_special_tokens=False)["input_ids"]) for label in MANY_LABELS]
+    assert passes == [
+        (1, V),  # the soft prompt's keys and values, once
+        (len(TEXTS), max(text_lengths)),  # each text once, not once per label
+        # then every label longer than one token, after a copy of its text's keys and values
+        (len(TEXTS) * sum(length > 1 for length in label_lengths), max(label_lengths) - 1),
+    ]

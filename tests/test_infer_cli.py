@@ -42,7 +42,7 @@ def test_generation_writes_tuned_and_base_outputs(bloom_dir, checkpoint, tmp_pat
     model = load_model(bloom_dir, checkpoint)
     options = dict(max_new_tokens=6, repetition_penalty=1.5, num_beams=1, do_sample=False)
     assert rows == [
-        {"input": text, "output": tuned, "base_output": base}
+        {"input": text, "prompt": "default", "output": tuned, "base_output": base}
         for text, tuned, base in zip(inputs, generate_texts(model, inputs, **options),
                                      generate_texts(model, inputs, use_prompt=False, **options))
     ]
@@ -63,6 +63,7 @@ def test_eval_prints_the_table_and_writes_metrics_for_tuned_and_base(bloom_dir, 
     assert metrics == {"tuned (soft prompt)": evaluate(gold, tuned, LABELS), "base (no prompt)": evaluate(gold, base, LABELS)}
     predictions = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in predictions] == tuned and [p["label"] for p in predictions] == gold
+    assert {p["prompt"] for p in predictions} == {"default"}
     torch.testing.assert_close(torch.tensor([list(p["scores"].values()) for p in predictions]), tuned_scores)
     table = result.stdout.splitlines()
     for name, figures in metrics.items():

@@ -20,7 +20,7 @@ def test_only_the_prompt_trains_and_the_frozen_weights_stay_bit_identical(model_
     model, tokenizer = model_and_tokenizer
     frozen_before = {name: p.detach().clone() for name, p in model.named_parameters()}
     wrapper = SoftPromptModel(model, num_virtual_tokens=V, seed=0)
-    assert [name for name, p in wrapper.named_parameters() if p.requires_grad] == ["prompt.weight"]
+    assert [name for name, p in wrapper.named_parameters() if p.requires_grad] == ["prompts.default.weight"]
     prompt_before = wrapper.prompt.weight.detach().clone()
     optimizer = torch.optim.AdamW([wrapper.prompt.weight], lr=1e-2)
     inputs = batch(tokenizer, TEXTS)

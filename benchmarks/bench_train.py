@@ -34,7 +34,7 @@ from soft_prompt.config import TASKS
 RESULTS = Path(__file__).parent / "results"
 HATE_TEMPLATE = TASKS["hate"]["template"]
 PROMPTS_TEMPLATE = TASKS["prompts"]["template"]
-SIDES = ("ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop")
+SIDES = ("defaults", "ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop")
 
 
 class PeakMemory:
@@ -153,9 +153,11 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
 
 
 def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
-    """The shipped loop (`soft_prompt.training.train`) with length-grouped batches; the
-    `ours-micro-batches` side adds `--max-batch-tokens` and `ours-checkpointed` adds gradient
-    checkpointing (each trades time for activation memory in its own way)."""
+    """The shipped loop (`soft_prompt.training.train`). `defaults` is given only the tutorial's own
+    settings (what a new user types), so it runs whatever train.py chooses by default. The other
+    sides set each lever: `ours` length-grouped batches, whole, with fp32 weights (bf16/fp16 with
+    --ours-model-dtype); `ours-micro-batches` adds `--max-batch-tokens` and `ours-checkpointed`
+    gradient checkpointing (each trades time for activation memory in its own way)."""
     from safetensors.torch import load_file
 
     from soft_prompt.config import resolve_config
@@ -163,19 +165,23 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
 
     data_file = Path(tempfile.mkdtemp()) / "rows.jsonl"
     data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    config = resolve_config({
+    tutorial = {
         "model": model_dir, "data": str(data_file), "template": template, "init": "random",
         "num_virtual_tokens": args.num_virtual_tokens, "lr": args.lr, "batch_size": args.batch_size,
         "epochs": args.epochs, "max_length": args.max_length, "precision": args.precision,
+        "seed": args.seed, "save_every": 0, "output_dir": tempfile.mkdtemp(), "label_words": [],
+    }
+    levers = {
         "model_dtype": args.precision if args.ours_model_dtype else "fp32", "group_by_length": True,
         "attention": args.ours_attention,
         "gradient_checkpointing": args.side == "ours-checkpointed",
         "max_batch_tokens": args.max_batch_tokens if args.side == "ours-micro-batches" else 0,
-        "seed": args.seed, "save_every": 0, "output_dir": tempfile.mkdtemp(), "label_words": [],
-    })
+    }
+    config = resolve_config(tutorial if args.side == "defaults" else {**tutorial, **levers})
     summary = train(config)
     prompt = load_file(Path(config.run.output_dir) / "last" / "adapter_model.safetensors")["prompt_embeddings"]
-    return {"prompt": prompt, "train_seconds": summary["train_seconds"]}
+    automatic = json.loads((Path(config.run.output_dir) / "train_config.json").read_text())["automatic"]
+    return {"prompt": prompt, "train_seconds": summary["train_seconds"], "automatic": automatic}
 
 
 @torch.no_grad()
@@ -219,6 +225,7 @@ def run_side(args) -> dict:
         "peak_memory_mib": memory.peak / 2**20,
         "training_memory_mib": memory.extra / 2**20,
         "final_train_loss": final_loss(args.model, result["prompt"], tokenizer, token_rows, args.batch_size),
+        **({"automatic": result["automatic"]} if "automatic" in result else {}),
     }
 
 
@@ -237,7 +244,7 @@ def train_once(args, rows: list[dict], template: str, tokenizer, token_rows: lis
 
     with PeakMemory() as memory:
         start = time.perf_counter()
-        if args.side.startswith("ours"):
+        if not args.side.startswith("peft"):
             result = run_ours(args, args.model, rows, template)
         else:
             model = AutoModelForCausalLM.from_pretrained(args.model)
@@ -331,6 +338,7 @@ def main() -> None:
                         help="ours runs BLOOM's attention through scaled_dot_product_attention (--attention sdpa)")
     parser.add_argument("--side", choices=SIDES, help="run one side and print its JSON (used internally)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of one --side run (used internally)")
+    parser.add_argument("--note", help="a sentence added to the report, e.g. how loaded the machine was")
     parser.add_argument("--output-dir", default=str(RESULTS))
     args = parser.parse_args()
     if args.side:
@@ -421,7 +429,10 @@ def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> 
         "peak RSS on CPU). Model TFLOP/s: 4 x parameters x (real + virtual positions) over the training "
         f"loop's own time (no loading).{mfu} The loss is each side's trained prompt scored the same way on all "
         "the rows (the frozen model's own loss, fp32), averaged over the seeds (± the standard deviation). "
-        f"`ours-micro-batches` is `ours` with `--max-batch-tokens {args.max_batch_tokens}`.",
+        f"`defaults` is train.py given only the tutorial's settings{defaults_note(runs)}; `ours` sets "
+        f"length-grouped batches, whole, with {args.precision if args.ours_model_dtype else 'fp32'} weights; "
+        f"`ours-micro-batches` is `ours` with `--max-batch-tokens {args.max_batch_tokens}`."
+        + (f" {args.note}" if args.note else ""),
         "",
         "| side | s/epoch | tokens/s | model TFLOP/s | peak memory (MiB) | rise above start (MiB) | loss after training |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -436,7 +447,7 @@ def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> 
             f"{figures['final_train_loss']:.4f} ± {figures['final_train_loss_stdev']:.4f} |"
         )
     lines += ["", "| ours / peer | time | peak memory | rise above start | loss |", "| --- | --- | --- | --- | --- |"]
-    for ours in (side for side in results if side.startswith("ours")):
+    for ours in (side for side in results if not side.startswith("peft")):
         for peer in (side for side in results if side.startswith("peft")):
             a, b = results[ours], results[peer]
             lines.append(
@@ -446,6 +457,15 @@ def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> 
                 f"{a['final_train_loss'] / b['final_train_loss']:.3f} |"
             )
     write_files(args, f"train-{name}", "\n".join(lines) + "\n", {"command": command, "results": results})
+
+
+def defaults_note(runs: dict[str, list[dict]]) -> str:
+    """What the `defaults` side's automatic fields resolved to, as the report says it."""
+    if not runs.get("defaults"):
+        return ""
+    automatic = runs["defaults"][0]["automatic"]
+    return " (length-grouped batches; here " + ", ".join(
+        f"--{name.replace('_', '-')} auto = {value}" for name, value in automatic.items()) + ")"
 
 
 def write_files(args, name: str, report: str, data: dict) -> None:

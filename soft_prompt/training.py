@@ -4,7 +4,7 @@ checkpoints. `train(config)` runs it; `train.py` is its command line.
 
 A run folder holds:
 
-    train_config.json   the resolved configuration
+    train_config.json   the resolved configuration ("automatic": the fields resolved from `auto`)
     metrics.jsonl       one line per logged step (and one per evaluation)
     loss_curve.png      train and eval loss (when matplotlib is installed)
     best/               the prompt with the lowest eval loss so far
@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from .checkpoint import base_model_name, json_bytes, load_checkpoint, save_checkpoint, write_atomic
-from .config import TrainConfig
+from .config import TrainConfig, resolve_automatic
 from .data import (
     IGNORE_INDEX,
     Example,
@@ -340,10 +340,11 @@ def train(config: TrainConfig) -> dict:
     label_words = data_cfg.label_words = data_cfg.label_words or label_words_of(data_cfg.template, train_rows)
     device = pick_device(model_cfg.device)
     model_cfg.device = device.type
+    automatic = resolve_automatic(config, device.type)  # --model-dtype and --max-batch-tokens left at auto
     base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, device)
     apply_speed_options(base_model, model_cfg)
     train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
-    write_atomic(output_dir / "train_config.json", json_bytes(config.to_dict()))
+    write_atomic(output_dir / "train_config.json", json_bytes({**config.to_dict(), "automatic": automatic}))
 
     # The model: the frozen LM with the prompt, the only trainable parameter ([V, D], fp32).
     metadata = {
@@ -352,6 +353,8 @@ def train(config: TrainConfig) -> dict:
         "task": data_cfg.task,
         "loss_on": data_cfg.loss_on,
         "max_length": data_cfg.max_length,
+        "precision": model_cfg.precision,  # infer.py's default --precision
+        "model_dtype": model_cfg.model_dtype,
     }
     model = SoftPromptModel(
         base_model,

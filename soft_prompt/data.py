@@ -10,6 +10,7 @@ with -100 where no loss is taken; batches are padded on the right to their own l
 
 from __future__ import annotations
 
+import json
 import random
 import string
 from dataclasses import dataclass
@@ -72,13 +73,16 @@ def split_template(template: str, row: dict) -> tuple[str, str]:
 
 def load_rows(source: str, split: str = "train") -> list[dict]:
     """The rows of a local `.jsonl`/`.json`/`.csv`/`.parquet` file (all of it), a local data-set
-    folder (`split` of it) or a hub data set (`split` of it), loaded through `datasets`."""
+    folder (`split` of it) or a hub data set (`split` of it), loaded through `datasets` (a `.jsonl`
+    file is read directly: importing `datasets` and building its cache cost more than the read)."""
+    path = Path(source)
+    if path.suffix.lower() in DATA_FILE_BUILDERS and not path.is_file():
+        raise FileNotFoundError(f"data file {source} does not exist")
+    if path.suffix.lower() == ".jsonl":
+        return read_jsonl(path)
     import datasets
 
-    path = Path(source)
     if path.suffix.lower() in DATA_FILE_BUILDERS:
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {source} does not exist")
         dataset = datasets.load_dataset(DATA_FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train")
     elif path.is_file():
         raise ValueError(f"data file {source} is not .jsonl, .json, .csv or .parquet")
@@ -94,6 +98,24 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
                 "pass a local .jsonl/.json/.csv/.parquet file or folder with --data"
             ) from None
     return dataset.to_list()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """One JSON object a line (blank lines skipped), every row with every column, None where a row
+    lacks one: the rows `datasets` gives for the file."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number} is not JSON ({error.msg}): write one object a line") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number} is not a JSON object: write one object a line")
+        rows.append(row)
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    return [{name: row.get(name) for name in columns} for row in rows]
 
 
 def check_template_columns(template: str, rows: list[dict], source: str) -> None:

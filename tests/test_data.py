@@ -1,6 +1,9 @@
 """Data: loading, tokenisation (eos, truncation, loss scope), padding and batch order."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,7 @@ from soft_prompt.data import (
 )
 from soft_prompt.tiny import build_tokenizer
 
+ROOT = Path(__file__).resolve().parent.parent
 HATE = "Sentence : {text} Label : {label_text}"
 ROW = {"text": "the cat is lovely", "label": 0, "label_text": "no hate speech"}
 
@@ -112,6 +116,25 @@ def test_local_files_load_through_datasets(tmp_path):
     (tmp_path / "d.txt").write_text("hello")
     with pytest.raises(ValueError, match="not .jsonl, .json, .csv or .parquet"):
         load_rows(str(tmp_path / "d.txt"))
+
+
+def test_jsonl_is_read_without_datasets_and_gives_its_rows(tmp_path):
+    """A .jsonl is read directly (importing `datasets` costs a second of startup): the rows
+    `datasets` gives, a column missing from a row included; a bad line is a one-line error."""
+    import datasets
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n\n{"label": 0, "text": "b", "note": "n"}\n{"text": "c", "label": 2}\n')
+    assert load_rows(str(path)) == datasets.load_dataset("json", data_files=str(path), split="train").to_list()
+    probe = f"import sys; from soft_prompt.data import load_rows; load_rows({str(path)!r}); print('datasets' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert imported.stdout.strip() == "False"
+    path.write_text('{"text": "a"}\n{"text": \n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2 is not JSON \(Expecting value\): write one object a line"):
+        load_rows(str(path))
+    path.write_text('["a"]\n')
+    with pytest.raises(ValueError, match="d.jsonl:1 is not a JSON object"):
+        load_rows(str(path))
 
 
 def test_unreachable_hub_data_says_to_pass_a_local_file():

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError
+from .checkpoint import METADATA_NAME, CheckpointError, read_json
 from .data import template_fields
-from .model import SoftPromptModel, load_base_model
+from .model import DTYPES, SoftPromptModel, load_base_model
 from .scoring import truncate_left
 
 
@@ -29,14 +29,16 @@ class InferenceError(ValueError):
 
 
 def load_model(
-    model_name: str, checkpoint: str, precision: str = "fp32", device: str | None = None, strict: bool = False
+    model_name: str, checkpoint: str, precision: str | None = None, device: str | None = None, strict: bool = False
 ) -> SoftPromptModel:
-    """The frozen model `model_name` (hub id or folder) with its tokenizer and the checkpoint's prompt.
+    """The frozen model `model_name` (hub id or folder) in `precision` (default: the one the
+    checkpoint was trained with) with its tokenizer and the checkpoint's prompt.
 
     A checkpoint recorded for another base model is a warning, or an error with `strict`; one with
     another embedding size, or missing or corrupt, raises `CheckpointError`.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = precision or trained_precision(checkpoint)
     try:
         base, tokenizer = load_base_model(model_name, precision, device)
     except ValueError as error:
@@ -49,6 +51,14 @@ def load_model(
             raise CheckpointError(message + " (--strict)")
         warnings.warn(message + ": its outputs may be meaningless (--strict makes this an error)")
     return model
+
+
+def trained_precision(checkpoint: str) -> str:
+    """The --precision the checkpoint was trained with (its soft_prompt.json), or fp32 when it
+    records none (older checkpoints, PEFT's)."""
+    metadata = Path(checkpoint) / METADATA_NAME
+    recorded = read_json(metadata).get("precision") if metadata.is_file() else None
+    return recorded if recorded in DTYPES else "fp32"
 
 
 def same_model_name(a: str, b: str) -> bool:

@@ -2,7 +2,8 @@
 the command line, whose flags map one to one onto the fields (`--batch-size` is `optim.batch_size`).
 
 A run's configuration is resolved in three layers: the dataclass defaults, then the `--task`
-preset, then the flags given on the command line. The result is written to `train_config.json`.
+preset, then the flags given on the command line. Fields left at `auto` are then filled in once
+the device is known (`resolve_automatic`). The result is written to `train_config.json`.
 """
 
 from __future__ import annotations

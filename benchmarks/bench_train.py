@@ -220,6 +220,7 @@ def run_side(args) -> dict:
         "side": args.side,
         "seconds_per_epoch": seconds / args.epochs,
         "train_seconds_per_epoch": result["train_seconds"] / args.epochs,
+        "cpu_seconds_per_epoch": result["cpu_seconds"] / args.epochs,
         "tokens_per_second": args.epochs * sum(len(ids) for ids in token_rows) / seconds,
         "model_tflops_per_second": 4 * num_parameters(args.model) * positions / result["train_seconds"] / 1e12,
         "peak_memory_mib": memory.peak / 2**20,
@@ -239,11 +240,12 @@ def load_tokenizer(model_dir: str):
 
 
 def train_once(args, rows: list[dict], template: str, tokenizer, token_rows: list[list[int]]) -> tuple[dict, float, PeakMemory]:
-    """(the side's result, seconds, peak memory) of one training run, the model's loading included."""
+    """(the side's result with its CPU seconds, seconds, peak memory) of one training run, the
+    model's loading included."""
     from transformers import AutoModelForCausalLM
 
     with PeakMemory() as memory:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         if not args.side.startswith("peft"):
             result = run_ours(args, args.model, rows, template)
         else:
@@ -252,6 +254,7 @@ def train_once(args, rows: list[dict], template: str, tokenizer, token_rows: lis
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
+    result["cpu_seconds"] = time.process_time() - cpu_start  # every thread's; less swayed by other load
     return result, seconds, memory
 
 
@@ -403,6 +406,7 @@ def summarise(side_runs: list[dict]) -> dict:
     losses = [run["final_train_loss"] for run in side_runs]
     return {
         "seconds_per_epoch": statistics.median(run["seconds_per_epoch"] for run in side_runs),
+        "cpu_seconds_per_epoch": statistics.median(run["cpu_seconds_per_epoch"] for run in side_runs),
         "model_tflops_per_second": statistics.median(run["model_tflops_per_second"] for run in side_runs),
         "tokens_per_second": statistics.median(run["tokens_per_second"] for run in side_runs),
         "peak_memory_mib": max(run["peak_memory_mib"] for run in side_runs),
@@ -426,7 +430,8 @@ def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> 
         f"{machine()}. Every side ran once per seed ({seeds}; the seed sets the prompt's init, the same on "
         "every side, and the batch order). Time and memory run from before the model is loaded to the end of "
         "training: the median time over the seeds, the highest memory (CUDA max allocated, or the process's "
-        "peak RSS on CPU). Model TFLOP/s: 4 x parameters x (real + virtual positions) over the training "
+        "peak RSS on CPU); CPU s is the process's CPU time over the same span, all threads (on a shared machine "
+        "it moves less with the other load than the wall time does). Model TFLOP/s: 4 x parameters x (real + virtual positions) over the training "
         f"loop's own time (no loading).{mfu} The loss is each side's trained prompt scored the same way on all "
         "the rows (the frozen model's own loss, fp32), averaged over the seeds (± the standard deviation). "
         f"`defaults` is train.py given only the tutorial's settings{defaults_note(runs)}; `ours` sets "
@@ -434,24 +439,26 @@ def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> 
         f"`ours-micro-batches` is `ours` with `--max-batch-tokens {args.max_batch_tokens}`."
         + (f" {args.note}" if args.note else ""),
         "",
-        "| side | s/epoch | tokens/s | model TFLOP/s | peak memory (MiB) | rise above start (MiB) | loss after training |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| side | s/epoch | CPU s/epoch | tokens/s | model TFLOP/s | peak memory (MiB) | rise above start (MiB) | loss after training |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for side, figures in results.items():
         tflops = f"{figures['model_tflops_per_second']:.3g}"
         if args.peak_tflops:
             tflops += f" (MFU {figures['model_tflops_per_second'] / args.peak_tflops:.1%})"
         lines.append(
-            f"| {side} | {figures['seconds_per_epoch']:.2f} | {figures['tokens_per_second']:.0f} | {tflops} | "
+            f"| {side} | {figures['seconds_per_epoch']:.2f} | {figures['cpu_seconds_per_epoch']:.2f} | "
+            f"{figures['tokens_per_second']:.0f} | {tflops} | "
             f"{figures['peak_memory_mib']:.0f} | {figures['training_memory_mib']:.0f} | "
             f"{figures['final_train_loss']:.4f} ± {figures['final_train_loss_stdev']:.4f} |"
         )
-    lines += ["", "| ours / peer | time | peak memory | rise above start | loss |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| ours / peer | time | CPU time | peak memory | rise above start | loss |", "| --- | --- | --- | --- | --- | --- |"]
     for ours in (side for side in results if not side.startswith("peft")):
         for peer in (side for side in results if side.startswith("peft")):
             a, b = results[ours], results[peer]
             lines.append(
                 f"| {ours} / {peer} | {a['seconds_per_epoch'] / b['seconds_per_epoch']:.2f} | "
+                f"{a['cpu_seconds_per_epoch'] / b['cpu_seconds_per_epoch']:.2f} | "
                 f"{a['peak_memory_mib'] / b['peak_memory_mib']:.2f} | "
                 f"{a['training_memory_mib'] / b['training_memory_mib']:.2f} | "
                 f"{a['final_train_loss'] / b['final_train_loss']:.3f} |"

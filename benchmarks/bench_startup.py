@@ -4,7 +4,8 @@
 
 Each run is a fresh process (cold imports, warm disk cache) that trains with the given flags and
 stops at the first step's forward. Phases: python and the imports, reading the rows, loading the
-tokenizer and model, tokenising, and the rest up to the step (prompt, optimizer, folders).
+tokenizer and model, tokenising, and the rest up to the step (prompt, optimizer, folders), each in
+wall seconds and in the process's CPU seconds (steadier on a shared machine).
 `--checkouts` times each checkout's own code the same way (e.g. main against this branch); the
 report gives the median of each phase and writes benchmarks/results/startup-<model>.md/.json.
 """
@@ -33,15 +34,15 @@ started = time.time()
 import soft_prompt.training as training
 from soft_prompt.config import parse_args, resolve_config
 from soft_prompt.model import SoftPromptModel
-imported = time.time()
-seconds = {"python and imports": imported - spawned}
+seconds = {"python and imports": time.time() - spawned}
+cpu_seconds = {"python and imports": time.process_time()}  # the process's CPU time, all threads, since its start
 for name, label in PHASES.items():
     def timed(*args, _run=getattr(training, name), _label=label, **kwargs):
-        begun = time.time()
+        begun, cpu_begun = time.time(), time.process_time()
         try:
             return _run(*args, **kwargs)
         finally:
-            seconds[_label] = time.time() - begun
+            seconds[_label], cpu_seconds[_label] = time.time() - begun, time.process_time() - cpu_begun
     setattr(training, name, timed)
 class FirstStep(Exception):
     pass
@@ -51,10 +52,11 @@ SoftPromptModel.loss = first_step
 try:
     training.train(resolve_config(parse_args(sys.argv[2:])))
 except FirstStep:
-    seconds["to the first step"] = time.time() - spawned
-seconds["other setup"] = seconds["to the first step"] - sum(v for k, v in seconds.items() if k != "to the first step")
-seconds["datasets imported"] = "datasets" in sys.modules
-print(json.dumps(seconds))
+    seconds["to the first step"], cpu_seconds["to the first step"] = time.time() - spawned, time.process_time()
+for times in (seconds, cpu_seconds):
+    phases = sum(value for label, value in times.items() if label != "to the first step")
+    times["other setup"] = times["to the first step"] - phases
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "datasets imported": "datasets" in sys.modules}))
 """
 
 
@@ -91,14 +93,18 @@ def main() -> None:
     lines = [
         f"# Startup: seconds before the first training step ({Path(args.model).name})", "", f"`{command}`", "",
         f"{os.cpu_count()} CPUs. Median over {args.repeats} fresh processes per checkout, run interleaved; "
-        f"train.py given the model, the data, the template and --precision {args.precision}."
-        + (f" {args.note}" if args.note else ""),
+        f"train.py given the model, the data, the template and --precision {args.precision}. Wall seconds, "
+        "then the process's CPU seconds (all threads) in brackets." + (f" {args.note}" if args.note else ""),
         "", "| checkout | " + " | ".join(phases) + " | imports `datasets` |", "|" + " --- |" * (len(phases) + 2),
     ]
     for checkout, checkout_runs in runs.items():
-        medians = [statistics.median(run[phase] for run in checkout_runs) for phase in phases]
+        cells = [
+            f"{statistics.median(run['seconds'][phase] for run in checkout_runs):.2f} "
+            f"({statistics.median(run['cpu_seconds'][phase] for run in checkout_runs):.2f})"
+            for phase in phases
+        ]
         imports = "yes" if any(run["datasets imported"] for run in checkout_runs) else "no"
-        lines.append(f"| {checkout} | " + " | ".join(f"{value:.2f}" for value in medians) + f" | {imports} |")
+        lines.append(f"| {checkout} | " + " | ".join(cells) + f" | {imports} |")
     report = "\n".join(lines) + "\n"
     print(report)
     output_dir = Path(args.output_dir)

@@ -79,7 +79,10 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     if path.suffix.lower() in DATA_FILE_BUILDERS and not path.is_file():
         raise FileNotFoundError(f"data file {source} does not exist")
     if path.suffix.lower() == ".jsonl":
-        return read_jsonl(path)
+        # Every row with every column, None where a row lacks one: the rows `datasets` gives.
+        rows = parse_jsonl(path.read_text(encoding="utf-8").splitlines(), source)
+        columns = list(dict.fromkeys(name for row in rows for name in row))
+        return [{name: row.get(name) for name in columns} for row in rows]
     import datasets
 
     if path.suffix.lower() in DATA_FILE_BUILDERS:
@@ -100,22 +103,21 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     return dataset.to_list()
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """One JSON object a line (blank lines skipped), every row with every column, None where a row
-    lacks one: the rows `datasets` gives for the file."""
+def parse_jsonl(lines: list[str], source: str | Path) -> list[dict]:
+    """The JSON objects of a .jsonl file's lines (blank lines skipped); a line that is not an
+    object is a one-line ValueError naming `source` and the line number."""
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number} is not JSON ({error.msg}): write one object a line") from None
+            raise ValueError(f"{source}:{number} is not JSON ({error.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number} is not a JSON object: write one object a line")
+            raise ValueError(f"{source}:{number} is not a JSON object")
         rows.append(row)
-    columns = list(dict.fromkeys(name for row in rows for name in row))
-    return [{name: row.get(name) for name in columns} for row in rows]
+    return rows
 
 
 def check_template_columns(template: str, rows: list[dict], source: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import METADATA_NAME, CheckpointError, read_json
-from .data import template_fields
+from .data import parse_jsonl, template_fields
 from .model import DTYPES, SoftPromptModel, load_base_model
 from .scoring import truncate_left
 
@@ -77,18 +77,10 @@ def read_inputs(path: str | Path) -> list[str | dict]:
         raise InferenceError(f"cannot read {path}: {error.strerror}") from None
     if path.suffix == ".txt":
         return [line for line in lines if line.strip()]
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InferenceError(f"{path}:{number} is not JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise InferenceError(f"{path}:{number} is not a JSON object")
-        rows.append(row)
-    return rows
+    try:
+        return parse_jsonl(lines, path)
+    except ValueError as error:
+        raise InferenceError(str(error)) from None
 
 
 def generation_text(row: str | dict) -> str:

@@ -130,7 +130,7 @@ def test_jsonl_is_read_without_datasets_and_gives_its_rows(tmp_path):
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     assert imported.stdout.strip() == "False"
     path.write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(ValueError, match=r"d.jsonl:2 is not JSON \(Expecting value\): write one object a line"):
+    with pytest.raises(ValueError, match=r"d.jsonl:2 is not JSON \(Expecting value\)"):
         load_rows(str(path))
     path.write_text('["a"]\n')
     with pytest.raises(ValueError, match="d.jsonl:1 is not a JSON object"):

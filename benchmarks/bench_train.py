@@ -34,7 +34,7 @@ from soft_prompt.config import TASKS
 RESULTS = Path(__file__).parent / "results"
 HATE_TEMPLATE = TASKS["hate"]["template"]
 PROMPTS_TEMPLATE = TASKS["prompts"]["template"]
-SIDES = ("defaults", "ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop")
+SIDES = ("defaults", "plain", "ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop")
 
 
 class PeakMemory:
@@ -154,9 +154,10 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
 
 def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
     """The shipped loop (`soft_prompt.training.train`). `defaults` is given only the tutorial's own
-    settings (what a new user types), so it runs whatever train.py chooses by default. The other
-    sides set each lever: `ours` length-grouped batches, whole, with fp32 weights (bf16/fp16 with
-    --ours-model-dtype); `ours-micro-batches` adds `--max-batch-tokens` and `ours-checkpointed`
+    settings (what a new user types), so it runs whatever train.py chooses by default; `plain` turns
+    every lever off (the plain shuffle, whole batches, fp32 weights: the defaults before they were
+    made fast). The other sides set each lever: `ours` length-grouped batches, whole, with fp32
+    weights (bf16/fp16 with --ours-model-dtype); `ours-micro-batches` adds `--max-batch-tokens` and `ours-checkpointed`
     gradient checkpointing (each trades time for activation memory in its own way)."""
     from safetensors.torch import load_file
 
@@ -172,7 +173,8 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
         "seed": args.seed, "save_every": 0, "output_dir": tempfile.mkdtemp(), "label_words": [],
     }
     levers = {
-        "model_dtype": args.precision if args.ours_model_dtype else "fp32", "group_by_length": True,
+        "model_dtype": args.precision if args.ours_model_dtype and args.side != "plain" else "fp32",
+        "group_by_length": args.side != "plain",
         "attention": args.ours_attention,
         "gradient_checkpointing": args.side == "ours-checkpointed",
         "max_batch_tokens": args.max_batch_tokens if args.side == "ours-micro-batches" else 0,
@@ -434,7 +436,8 @@ def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> 
         "it moves less with the other load than the wall time does). Model TFLOP/s: 4 x parameters x (real + virtual positions) over the training "
         f"loop's own time (no loading).{mfu} The loss is each side's trained prompt scored the same way on all "
         "the rows (the frozen model's own loss, fp32), averaged over the seeds (± the standard deviation). "
-        f"`defaults` is train.py given only the tutorial's settings{defaults_note(runs)}; `ours` sets "
+        f"`defaults` is train.py given only the tutorial's settings{defaults_note(runs)}; `plain` has every "
+        "lever off (plain shuffle, whole batches, fp32 weights: the defaults before they were made fast); `ours` sets "
         f"length-grouped batches, whole, with {args.precision if args.ours_model_dtype else 'fp32'} weights; "
         f"`ours-micro-batches` is `ours` with `--max-batch-tokens {args.max_batch_tokens}`."
         + (f" {args.note}" if args.note else ""),

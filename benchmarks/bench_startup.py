@@ -5,9 +5,9 @@
 Each run is a fresh process (cold imports, warm disk cache) that trains with the given flags and
 stops at the first step's forward. Phases: python and the imports, reading the rows, loading the
 tokenizer and model, tokenising, and the rest up to the step (prompt, optimizer, folders), each in
-wall seconds and in the process's CPU seconds (steadier on a shared machine).
-`--checkouts` times each checkout's own code the same way (e.g. main against this branch); the
-report gives the median of each phase and writes benchmarks/results/startup-<model>.md/.json.
+wall seconds and in the process's CPU seconds (steadier on a shared machine). `--checkouts`
+times each checkout's own code the same way (e.g. main against this branch); the report gives the
+median of each phase and writes benchmarks/results/startup-<model>-<precision>.md/.json.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main() -> None:
     print(report)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    name = f"startup-{Path(args.model).name}"
+    name = f"startup-{Path(args.model).name}-{args.precision}"
     (output_dir / f"{name}.md").write_text(report)
     (output_dir / f"{name}.json").write_text(json.dumps({"command": command, "runs": runs}, indent=2) + "\n")
 

@@ -436,11 +436,7 @@ def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> 
         "threads' spin-waiting too, so on a loaded machine it swings as well). Model TFLOP/s: 4 x parameters x (real + virtual positions) over the training "
         f"loop's own time (no loading).{mfu} The loss is each side's trained prompt scored the same way on all "
         "the rows (the frozen model's own loss, fp32), averaged over the seeds (± the standard deviation). "
-        f"`defaults` is train.py given only the tutorial's settings{defaults_note(runs)}; `plain` has every "
-        "lever off (plain shuffle, whole batches, fp32 weights: the defaults before they were made fast); `ours` sets "
-        f"length-grouped batches, whole, with {args.precision if args.ours_model_dtype else 'fp32'} weights; "
-        f"`ours-micro-batches` is `ours` with `--max-batch-tokens {args.max_batch_tokens}`."
-        + (f" {args.note}" if args.note else ""),
+        + side_notes(args, runs) + (f" {args.note}" if args.note else ""),
         "",
         "| side | s/epoch | CPU s/epoch | tokens/s | model TFLOP/s | peak memory (MiB) | rise above start (MiB) | loss after training |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -469,13 +465,20 @@ def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> 
     write_files(args, f"train-{name}", "\n".join(lines) + "\n", {"command": command, "results": results})
 
 
-def defaults_note(runs: dict[str, list[dict]]) -> str:
-    """What the `defaults` side's automatic fields resolved to, as the report says it."""
-    if not runs.get("defaults"):
-        return ""
-    automatic = runs["defaults"][0]["automatic"]
-    return " (length-grouped batches; here " + ", ".join(
-        f"--{name.replace('_', '-')} auto = {value}" for name, value in automatic.items()) + ")"
+def side_notes(args, runs: dict[str, list[dict]]) -> str:
+    """What each of our sides that ran sets, as the report says it (the `defaults` side with what
+    its automatic fields resolved to)."""
+    automatic = runs["defaults"][0]["automatic"] if runs.get("defaults") else {}
+    resolved = ", ".join(f"--{name.replace('_', '-')} auto = {value}" for name, value in automatic.items())
+    notes = {
+        "defaults": f"train.py given only the tutorial's settings (length-grouped batches; here {resolved})",
+        "plain": "every lever off (plain shuffle, whole batches, fp32 weights: the defaults before they were made fast)",
+        "ours": f"length-grouped batches, whole, with {args.precision if args.ours_model_dtype else 'fp32'} weights",
+        "ours-micro-batches": f"`ours` with `--max-batch-tokens {args.max_batch_tokens}`",
+        "ours-checkpointed": "`ours` with `--gradient-checkpointing`",
+    }
+    described = [f"`{side}`: {note}" for side, note in notes.items() if side in runs]
+    return "; ".join(described) + "." if described else ""
 
 
 def write_files(args, name: str, report: str, data: dict) -> None:

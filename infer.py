@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "or 'input'/'text' for generation)")
     parser.add_argument("--output", help="write one JSON row per input here (.jsonl)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="dtype of the frozen model (default: the checkpoint's training precision, else fp32)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--strict", action="store_true", help="refuse a checkpoint recorded for another base model")
     parser.add_argument("--compare-base", action="store_true", help="also show the base model's output without the prompt")

@@ -34,7 +34,7 @@ from soft_prompt.config import TASKS
 RESULTS = Path(__file__).parent / "results"
 HATE_TEMPLATE = TASKS["hate"]["template"]
 PROMPTS_TEMPLATE = TASKS["prompts"]["template"]
-SIDES = ("ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop")
+SIDES = ("defaults", "plain", "ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop")
 
 
 class PeakMemory:
@@ -153,9 +153,12 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
 
 
 def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
-    """The shipped loop (`soft_prompt.training.train`) with length-grouped batches; the
-    `ours-micro-batches` side adds `--max-batch-tokens` and `ours-checkpointed` adds gradient
-    checkpointing (each trades time for activation memory in its own way)."""
+    """The shipped loop (`soft_prompt.training.train`). `defaults` is given only the tutorial's own
+    settings (what a new user types), so it runs whatever train.py chooses by default; `plain` turns
+    every lever off (the plain shuffle, whole batches, fp32 weights: the defaults before they were
+    made fast). The other sides set each lever: `ours` length-grouped batches, whole, with fp32
+    weights (bf16/fp16 with --ours-model-dtype); `ours-micro-batches` adds `--max-batch-tokens` and `ours-checkpointed`
+    gradient checkpointing (each trades time for activation memory in its own way)."""
     from safetensors.torch import load_file
 
     from soft_prompt.config import resolve_config
@@ -163,19 +166,24 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
 
     data_file = Path(tempfile.mkdtemp()) / "rows.jsonl"
     data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    config = resolve_config({
+    tutorial = {
         "model": model_dir, "data": str(data_file), "template": template, "init": "random",
         "num_virtual_tokens": args.num_virtual_tokens, "lr": args.lr, "batch_size": args.batch_size,
         "epochs": args.epochs, "max_length": args.max_length, "precision": args.precision,
-        "model_dtype": args.precision if args.ours_model_dtype else "fp32", "group_by_length": True,
+        "seed": args.seed, "save_every": 0, "output_dir": tempfile.mkdtemp(), "label_words": [],
+    }
+    levers = {
+        "model_dtype": args.precision if args.ours_model_dtype and args.side != "plain" else "fp32",
+        "group_by_length": args.side != "plain",
         "attention": args.ours_attention,
         "gradient_checkpointing": args.side == "ours-checkpointed",
         "max_batch_tokens": args.max_batch_tokens if args.side == "ours-micro-batches" else 0,
-        "seed": args.seed, "save_every": 0, "output_dir": tempfile.mkdtemp(), "label_words": [],
-    })
+    }
+    config = resolve_config(tutorial if args.side == "defaults" else {**tutorial, **levers})
     summary = train(config)
     prompt = load_file(Path(config.run.output_dir) / "last" / "adapter_model.safetensors")["prompt_embeddings"]
-    return {"prompt": prompt, "train_seconds": summary["train_seconds"]}
+    automatic = json.loads((Path(config.run.output_dir) / "train_config.json").read_text())["automatic"]
+    return {"prompt": prompt, "train_seconds": summary["train_seconds"], "automatic": automatic}
 
 
 @torch.no_grad()
@@ -214,11 +222,13 @@ def run_side(args) -> dict:
         "side": args.side,
         "seconds_per_epoch": seconds / args.epochs,
         "train_seconds_per_epoch": result["train_seconds"] / args.epochs,
+        "cpu_seconds_per_epoch": result["cpu_seconds"] / args.epochs,
         "tokens_per_second": args.epochs * sum(len(ids) for ids in token_rows) / seconds,
         "model_tflops_per_second": 4 * num_parameters(args.model) * positions / result["train_seconds"] / 1e12,
         "peak_memory_mib": memory.peak / 2**20,
         "training_memory_mib": memory.extra / 2**20,
         "final_train_loss": final_loss(args.model, result["prompt"], tokenizer, token_rows, args.batch_size),
+        **({"automatic": result["automatic"]} if "automatic" in result else {}),
     }
 
 
@@ -232,12 +242,13 @@ def load_tokenizer(model_dir: str):
 
 
 def train_once(args, rows: list[dict], template: str, tokenizer, token_rows: list[list[int]]) -> tuple[dict, float, PeakMemory]:
-    """(the side's result, seconds, peak memory) of one training run, the model's loading included."""
+    """(the side's result with its CPU seconds, seconds, peak memory) of one training run, the
+    model's loading included."""
     from transformers import AutoModelForCausalLM
 
     with PeakMemory() as memory:
-        start = time.perf_counter()
-        if args.side.startswith("ours"):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if not args.side.startswith("peft"):
             result = run_ours(args, args.model, rows, template)
         else:
             model = AutoModelForCausalLM.from_pretrained(args.model)
@@ -245,6 +256,7 @@ def train_once(args, rows: list[dict], template: str, tokenizer, token_rows: lis
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
+    result["cpu_seconds"] = time.process_time() - cpu_start  # every thread's; less swayed by other load
     return result, seconds, memory
 
 
@@ -331,6 +343,7 @@ def main() -> None:
                         help="ours runs BLOOM's attention through scaled_dot_product_attention (--attention sdpa)")
     parser.add_argument("--side", choices=SIDES, help="run one side and print its JSON (used internally)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of one --side run (used internally)")
+    parser.add_argument("--note", help="a sentence added to the report, e.g. how loaded the machine was")
     parser.add_argument("--output-dir", default=str(RESULTS))
     args = parser.parse_args()
     if args.side:
@@ -395,6 +408,7 @@ def summarise(side_runs: list[dict]) -> dict:
     losses = [run["final_train_loss"] for run in side_runs]
     return {
         "seconds_per_epoch": statistics.median(run["seconds_per_epoch"] for run in side_runs),
+        "cpu_seconds_per_epoch": statistics.median(run["cpu_seconds_per_epoch"] for run in side_runs),
         "model_tflops_per_second": statistics.median(run["model_tflops_per_second"] for run in side_runs),
         "tokens_per_second": statistics.median(run["tokens_per_second"] for run in side_runs),
         "peak_memory_mib": max(run["peak_memory_mib"] for run in side_runs),
@@ -418,34 +432,53 @@ def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> 
         f"{machine()}. Every side ran once per seed ({seeds}; the seed sets the prompt's init, the same on "
         "every side, and the batch order). Time and memory run from before the model is loaded to the end of "
         "training: the median time over the seeds, the highest memory (CUDA max allocated, or the process's "
-        "peak RSS on CPU). Model TFLOP/s: 4 x parameters x (real + virtual positions) over the training "
+        "peak RSS on CPU); CPU s is the process's CPU time over the same span, all threads (it counts the "
+        "threads' spin-waiting too, so on a loaded machine it swings as well). Model TFLOP/s: 4 x parameters x (real + virtual positions) over the training "
         f"loop's own time (no loading).{mfu} The loss is each side's trained prompt scored the same way on all "
         "the rows (the frozen model's own loss, fp32), averaged over the seeds (± the standard deviation). "
-        f"`ours-micro-batches` is `ours` with `--max-batch-tokens {args.max_batch_tokens}`.",
+        + side_notes(args, runs) + (f" {args.note}" if args.note else ""),
         "",
-        "| side | s/epoch | tokens/s | model TFLOP/s | peak memory (MiB) | rise above start (MiB) | loss after training |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| side | s/epoch | CPU s/epoch | tokens/s | model TFLOP/s | peak memory (MiB) | rise above start (MiB) | loss after training |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for side, figures in results.items():
         tflops = f"{figures['model_tflops_per_second']:.3g}"
         if args.peak_tflops:
             tflops += f" (MFU {figures['model_tflops_per_second'] / args.peak_tflops:.1%})"
         lines.append(
-            f"| {side} | {figures['seconds_per_epoch']:.2f} | {figures['tokens_per_second']:.0f} | {tflops} | "
+            f"| {side} | {figures['seconds_per_epoch']:.2f} | {figures['cpu_seconds_per_epoch']:.2f} | "
+            f"{figures['tokens_per_second']:.0f} | {tflops} | "
             f"{figures['peak_memory_mib']:.0f} | {figures['training_memory_mib']:.0f} | "
             f"{figures['final_train_loss']:.4f} ± {figures['final_train_loss_stdev']:.4f} |"
         )
-    lines += ["", "| ours / peer | time | peak memory | rise above start | loss |", "| --- | --- | --- | --- | --- |"]
-    for ours in (side for side in results if side.startswith("ours")):
+    lines += ["", "| ours / peer | time | CPU time | peak memory | rise above start | loss |", "| --- | --- | --- | --- | --- | --- |"]
+    for ours in (side for side in results if not side.startswith("peft")):
         for peer in (side for side in results if side.startswith("peft")):
             a, b = results[ours], results[peer]
             lines.append(
                 f"| {ours} / {peer} | {a['seconds_per_epoch'] / b['seconds_per_epoch']:.2f} | "
+                f"{a['cpu_seconds_per_epoch'] / b['cpu_seconds_per_epoch']:.2f} | "
                 f"{a['peak_memory_mib'] / b['peak_memory_mib']:.2f} | "
                 f"{a['training_memory_mib'] / b['training_memory_mib']:.2f} | "
                 f"{a['final_train_loss'] / b['final_train_loss']:.3f} |"
             )
     write_files(args, f"train-{name}", "\n".join(lines) + "\n", {"command": command, "results": results})
+
+
+def side_notes(args, runs: dict[str, list[dict]]) -> str:
+    """What each of our sides that ran sets, as the report says it (the `defaults` side with what
+    its automatic fields resolved to)."""
+    automatic = runs["defaults"][0]["automatic"] if runs.get("defaults") else {}
+    resolved = ", ".join(f"--{name.replace('_', '-')} auto = {value}" for name, value in automatic.items())
+    notes = {
+        "defaults": f"train.py given only the tutorial's settings (length-grouped batches; here {resolved})",
+        "plain": "every lever off (plain shuffle, whole batches, fp32 weights: the defaults before they were made fast)",
+        "ours": f"length-grouped batches, whole, with {args.precision if args.ours_model_dtype else 'fp32'} weights",
+        "ours-micro-batches": f"`ours` with `--max-batch-tokens {args.max_batch_tokens}`",
+        "ours-checkpointed": "`ours` with `--gradient-checkpointing`",
+    }
+    described = [f"`{side}`: {note}" for side, note in notes.items() if side in runs]
+    return "; ".join(described) + "." if described else ""
 
 
 def write_files(args, name: str, report: str, data: dict) -> None:

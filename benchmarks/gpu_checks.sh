@@ -27,7 +27,8 @@ python3 -m pytest -q tests/test_train.py tests/test_speed_options.py tests/test_
 
 common=(--arch "$ARCH" --tokenizer "$TOKENIZER" --data "$DATA" --rows "$ROWS" --precision bf16
         --peak-tflops "$PEAK_TFLOPS" --output-dir "$RESULTS")
-# Every side under bf16 autocast; then ours alone with each GPU lever added: bf16 weights, SDPA.
+# Every side under bf16 autocast (`defaults`: what train.py picks on CUDA by itself); then ours
+# alone with each GPU lever added: bf16 weights, SDPA.
 python3 benchmarks/bench_train.py "${common[@]}"
 python3 benchmarks/bench_train.py "${common[@]}" --sides ours --ours-model-dtype
 python3 benchmarks/bench_train.py "${common[@]}" --sides ours --ours-model-dtype --ours-attention sdpa

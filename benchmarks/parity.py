@@ -327,14 +327,14 @@ def forward_rows(setup: Setup) -> list[Row]:
 
 def shipped_config(setup: Setup, data_path: Path, output_dir: Path):
     """The train() configuration of row 3: the script's rows, model and optimiser settings, one
-    batch per step (no accumulation), every step logged, fp32 on the CPU."""
+    batch per step (no accumulation, no micro-batches), every step logged, fp32 on the CPU."""
     args = setup.args
     return resolve_config({
         "model": setup.model_dir, "data": str(data_path), "template": setup.template, "max_length": args.max_length,
         "num_virtual_tokens": args.num_virtual_tokens, "init": "random", "seed": args.seed,
         "batch_size": args.batch_size, "grad_accum": 1, "max_steps": args.steps, "lr": args.lr,
         "warmup_steps": args.warmup_steps, "scheduler": "linear", "weight_decay": 0.0, "max_grad_norm": 1.0,
-        "device": "cpu", "model_dtype": "fp32", "precision": "fp32", "log_every": 1, "save_every": 0,
+        "device": "cpu", "model_dtype": "fp32", "precision": "fp32", "max_batch_tokens": 0, "log_every": 1, "save_every": 0,
         "output_dir": str(output_dir),
     })  # fmt: skip
 

@@ -2,7 +2,8 @@
 the command line, whose flags map one to one onto the fields (`--batch-size` is `optim.batch_size`).
 
 A run's configuration is resolved in three layers: the dataclass defaults, then the `--task`
-preset, then the flags given on the command line. The result is written to `train_config.json`.
+preset, then the flags given on the command line. Fields left at `auto` are then filled in once
+the device is known (`resolve_automatic`). The result is written to `train_config.json`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,24 @@ from .data import check_label_words, template_fields
 from .embedding import INIT_STRATEGIES, TEXT_FILLS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+AUTO = "auto"  # a field left to be chosen from the device and --precision (`resolve_automatic`)
+# --max-batch-tokens auto on CPU: measured on SmolLM2-135M and bloomz-560m's size (benchmarks/README.md),
+# micro-batches of 512 padded tokens take no more time than whole batches and about half the memory.
+CPU_MAX_BATCH_TOKENS = 512
 SCHEDULERS = ("linear", "cosine", "constant")
 LOSS_SCOPES = ("all", "completion")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 HATE_INIT_TEXT = "Indicates whether the sentence contains hate speech or not"
+
+
+def auto_or_count(value: str) -> int | str:
+    """The value of a flag that takes `auto` or a whole number."""
+    if value == AUTO:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give auto or a whole number, not {value!r}") from None
 
 
 @dataclass
@@ -29,7 +44,9 @@ class ModelConfig:
         metadata={"help": "hub name or local folder of a causal LM; tiny-bloom builds a tiny random one (no download)"},
     )
     model_dtype: str = field(
-        default="fp32", metadata={"help": "dtype of the frozen weights; the prompt stays fp32", "choices": PRECISIONS}
+        default=AUTO,
+        metadata={"help": "dtype of the frozen weights (auto: the --precision dtype); the prompt and its optimizer stay fp32",
+                  "choices": (AUTO, *PRECISIONS)},
     )
     precision: str = field(
         default="fp32", metadata={"help": "autocast compute dtype (fp16 adds a GradScaler)", "choices": PRECISIONS}
@@ -75,7 +92,9 @@ class DataConfig:
         default="all", metadata={"help": "loss on every text token, or only from the template's last field on", "choices": LOSS_SCOPES}
     )
     max_length: int = field(default=256, metadata={"help": "tokens per row, eos included; longer rows are cut"})
-    group_by_length: bool = field(default=False, metadata={"help": "batch rows of similar length to cut padding"})
+    group_by_length: bool = field(
+        default=True, metadata={"help": "batch rows of similar length to cut padding, batches still shuffled (--no-group-by-length: plain shuffle)"}
+    )
     label_words: list[str] | None = field(
         default=None,
         metadata={"help": "label words recorded for classification (default: the preset's, or the last field's values when at most 20)"},
@@ -94,10 +113,12 @@ class OptimConfig:
     grad_accum: int = field(
         default=1, metadata={"help": "batches per optimizer step; the loss is the mean over all their labelled tokens"}
     )
-    max_batch_tokens: int = field(
-        default=0,
+    max_batch_tokens: int | str = field(
+        default=AUTO,
         metadata={"help": "split a batch over this many padded tokens (rows x longest row, virtual tokens included) "
-                          "into micro-batches: the same gradient, less activation memory (0: never split)"},
+                          f"into micro-batches: the same gradient, less activation memory (0: never split; auto: "
+                          f"{CPU_MAX_BATCH_TOKENS} on CPU, 0 on CUDA and MPS, whose matmuls need whole batches)",
+                  "parse": auto_or_count},
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the prompt's gradient norm to this (0: no clipping)"})
     epochs: int = field(default=5, metadata={"help": "passes over the training rows"})
@@ -201,8 +222,9 @@ def validate(config: TrainConfig) -> None:
     at_least_one = {"batch_size": optim.batch_size, "grad_accum": optim.grad_accum, "epochs": optim.epochs,
                     "max_bad_steps": optim.max_bad_steps, "log_every": run.log_every}
     not_negative = {"warmup_steps": optim.warmup_steps, "max_steps": optim.max_steps, "weight_decay": optim.weight_decay,
-                    "max_grad_norm": optim.max_grad_norm, "save_every": run.save_every, "eval_every": run.eval_every,
-                    "max_batch_tokens": optim.max_batch_tokens}
+                    "max_grad_norm": optim.max_grad_norm, "save_every": run.save_every, "eval_every": run.eval_every}
+    if optim.max_batch_tokens != AUTO:
+        not_negative["max_batch_tokens"] = optim.max_batch_tokens
     for name, value in at_least_one.items():
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -224,6 +246,23 @@ def validate(config: TrainConfig) -> None:
         )
     if data.label_words:  # [] (only from Python) records no label words
         check_label_words(data.label_words, "--label-words")
+
+
+def resolve_automatic(config: TrainConfig, device_type: str) -> dict:
+    """Replace the fields left at `auto` by their values on `device_type` ("cpu", "cuda", "mps");
+    returns {field: value} of those, which `train_config.json` records under "automatic".
+
+    --model-dtype auto is the --precision dtype: autocast casts every weight to it at each matmul
+    anyway, so storing it so saves the casts and half the weight memory. --max-batch-tokens auto is
+    `CPU_MAX_BATCH_TOKENS` on CPU and 0 (never split) on a GPU, whose throughput needs whole batches.
+    """
+    automatic = {}
+    if config.model.model_dtype == AUTO:
+        config.model.model_dtype = automatic["model_dtype"] = config.model.precision
+    if config.optim.max_batch_tokens == AUTO:
+        budget = CPU_MAX_BATCH_TOKENS if device_type == "cpu" else 0
+        config.optim.max_batch_tokens = automatic["max_batch_tokens"] = budget
+    return automatic
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -251,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
             elif leaf.type == "list[str] | None":
                 arguments.add_argument(flag, nargs="+", metavar="WORDS", help=help_text)
             else:
-                kind = {"int": int, "int | None": int, "float": float}.get(leaf.type, str)
+                kind = leaf.metadata.get("parse") or {"int": int, "int | None": int, "float": float}.get(leaf.type, str)
                 arguments.add_argument(flag, type=kind, choices=leaf.metadata.get("choices"), help=help_text)
     return parser
 

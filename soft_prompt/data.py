@@ -168,12 +168,15 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
 
     JSON is read here, line by line, so an error names its line; CSV (checked to be UTF-8 text
     first) and Parquet, folders and hub data go through `datasets`. Anything that cannot be read
-    is a one-line ValueError (FileNotFoundError for a missing file) naming the source.
+    is a one-line ValueError (FileNotFoundError for a missing file) naming the source. JSON files
+    never import `datasets`: importing it and building its cache cost more than the read.
     """
-    import datasets
-
     path = Path(source)
     suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json") and path.is_file():
+        return same_columns(read_json_lines(path) if suffix == ".jsonl" else read_json_file(path))
+    import datasets
+
     if path.is_dir():
         try:
             with quiet_datasets():
@@ -183,10 +186,6 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     if suffix in DATA_FILE_BUILDERS:
         if not path.is_file():
             raise FileNotFoundError(f"data file {source} does not exist")
-        if suffix == ".jsonl":
-            return same_columns(read_json_lines(path))
-        if suffix == ".json":
-            return same_columns(read_json_file(path))
         if suffix == ".csv":
             read_text(path)  # an encoding error names its line; datasets would not
         try:

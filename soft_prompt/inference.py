@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, check_output_folder, write_atomic
+from .checkpoint import METADATA_NAME, CheckpointError, check_output_folder, read_json, write_atomic
 from .data import check_label_words, read_json_lines, read_lines, template_fields
-from .model import DEFAULT_PROMPT, SoftPromptModel, load_base_model
+from .model import DEFAULT_PROMPT, DTYPES, SoftPromptModel, load_base_model
 from .scoring import label_sequences, truncate_left
 
 
@@ -34,13 +34,14 @@ class InferenceError(ValueError):
 def load_model(
     model_name: str,
     checkpoints: str | dict[str, str],
-    precision: str = "fp32",
+    precision: str | None = None,
     device: str | None = None,
     strict: bool = False,
 ) -> SoftPromptModel:
     """The frozen model `model_name` (hub id or folder) with its tokenizer and the checkpoints'
     prompts: one directory (named "default") or {name: directory}. The active prompt is "default"
-    when there is one, else the first.
+    when there is one, else the first. `precision` defaults to the one the active prompt's
+    checkpoint was trained with.
 
     A checkpoint recorded for another base model is a warning, or an error with `strict`; one with
     another embedding size, or missing or corrupt, raises `CheckpointError`.
@@ -48,11 +49,12 @@ def load_model(
     if isinstance(checkpoints, str):
         checkpoints = {DEFAULT_PROMPT: checkpoints}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    (first_name, first_directory), *others = checkpoints.items()
+    precision = precision or trained_precision(checkpoints.get(DEFAULT_PROMPT, first_directory))
     try:
         base, tokenizer = load_base_model(model_name, precision, device)
     except ValueError as error:
         raise InferenceError(str(error)) from None
-    (first_name, first_directory), *others = checkpoints.items()
     model = SoftPromptModel.from_pretrained(base, first_directory, tokenizer=tokenizer, name=first_name)
     for name, directory in others:
         model.load_prompt(directory, name)
@@ -65,6 +67,14 @@ def load_model(
             warnings.warn(message + ": its outputs may be meaningless (--strict makes this an error)")
     model.set_prompt(DEFAULT_PROMPT if DEFAULT_PROMPT in checkpoints else first_name)
     return model
+
+
+def trained_precision(checkpoint: str) -> str:
+    """The --precision the checkpoint was trained with (its soft_prompt.json), or fp32 when it
+    records none (older checkpoints, PEFT's)."""
+    metadata = Path(checkpoint) / METADATA_NAME
+    recorded = read_json(metadata).get("precision") if metadata.is_file() else None
+    return recorded if recorded in DTYPES else "fp32"
 
 
 def checkpoint_names(values: Sequence[str]) -> dict[str, str]:

@@ -5,7 +5,8 @@ runs it (`distributed.py`).
 
 A run folder holds:
 
-    train_config.json   the resolved configuration, with world_size and parallelism
+    train_config.json   the resolved configuration, with world_size, parallelism and "automatic"
+                        (the fields resolved from `auto`)
     metrics.jsonl       one line per logged step (and one per evaluation)
     loss_curve.png      train and eval loss (when matplotlib is installed)
     best/               the prompt with the lowest eval loss so far
@@ -35,7 +36,7 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from .checkpoint import check_output_folder, json_bytes, load_checkpoint, save_checkpoint, write_atomic
-from .config import TrainConfig
+from .config import TrainConfig, resolve_automatic
 from .data import (
     IGNORE_INDEX,
     Example,
@@ -441,13 +442,15 @@ def prepare_output_dir(config: TrainConfig) -> tuple[Path, Path | None, dict | N
 def build_model(config: TrainConfig, base_model, tokenizer, resume_dir: Path | None, resumed_step: int | None) -> SoftPromptModel:
     """The frozen LM with the prompt, the only trainable parameter ([V, D], fp32), in train mode;
     the prompt is the resumed run's (saved at `resumed_step`) when there is one."""
-    prompt_cfg, data_cfg = config.prompt, config.data
+    model_cfg, prompt_cfg, data_cfg = config.model, config.prompt, config.data
     metadata = {
         "template": data_cfg.template,
         "label_words": data_cfg.label_words,
         "task": data_cfg.task,
         "loss_on": data_cfg.loss_on,
         "max_length": data_cfg.max_length,
+        "precision": model_cfg.precision,  # infer.py's default --precision
+        "model_dtype": model_cfg.model_dtype,
     }
     model = SoftPromptModel(
         base_model,
@@ -620,6 +623,7 @@ def train(config: TrainConfig) -> dict:
     model_cfg, prompt_cfg, data_cfg, optim, run = config.model, config.prompt, config.data, config.optim, config.run
     world, device = init_world(pick_device(model_cfg.device))
     model_cfg.device = device.type
+    automatic = resolve_automatic(config, device.type)  # --model-dtype and --max-batch-tokens left at auto
     if model_cfg.fsdp and world.size == 1:
         raise ValueError("--fsdp shards the frozen model across torchrun's processes: start it with "
                          "torchrun --nproc_per_node=N (N >= 2), or drop --fsdp")
@@ -646,7 +650,7 @@ def train(config: TrainConfig) -> dict:
     if world.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         parallelism = "fsdp" if model_cfg.fsdp else "data" if world.size > 1 else "none"
-        resolved = {**config.to_dict(), "world_size": world.size, "parallelism": parallelism}
+        resolved = {**config.to_dict(), "world_size": world.size, "parallelism": parallelism, "automatic": automatic}
         write_atomic(output_dir / "train_config.json", json_bytes(resolved))
     if model_cfg.fsdp:
         shard_frozen_model(base_model)

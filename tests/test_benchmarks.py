@@ -16,7 +16,7 @@ def run(script, tmp_path, *arguments):
 def test_bench_train_reports_every_side(tmp_path):
     run("bench_train.py", tmp_path, "--rows", "16", "--num-virtual-tokens", "4", "--max-batch-tokens", "40")
     results = json.loads((tmp_path / "train-tiny-bloom-fp32.json").read_text())["results"]
-    assert list(results) == ["ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop"]
+    assert list(results) == ["defaults", "plain", "ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop"]
     for figures in results.values():
         assert figures["seconds_per_epoch"] > 0 and figures["peak_memory_mib"] > 0
         assert len(figures["runs"]) == 1 and figures["model_tflops_per_second"] > 0  # one seed

@@ -1,6 +1,9 @@
 """Data: loading, tokenisation (eos, truncation, loss scope), padding and batch order."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,7 @@ from soft_prompt.data import (
 )
 from soft_prompt.tiny import build_tokenizer
 
+ROOT = Path(__file__).resolve().parent.parent
 HATE = "Sentence : {text} Label : {label_text}"
 ROW = {"text": "the cat is lovely", "label": 0, "label_text": "no hate speech"}
 
@@ -158,6 +162,17 @@ def test_unreadable_data_files_are_one_line_naming_file_and_line(tmp_path, name,
 def test_empty_json_lines_give_no_rows(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n \n")
     assert load_rows(str(tmp_path / "empty.jsonl")) == []
+
+
+def test_json_files_are_read_without_importing_datasets(tmp_path):
+    """Importing `datasets` costs about a second of startup: a .jsonl or .json never needs it."""
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 1}\n')
+    (tmp_path / "d.json").write_text('[{"text": "a", "label": 1}]')
+    for name in ("d.jsonl", "d.json"):
+        probe = (f"import sys; from soft_prompt.data import load_rows; load_rows({str(tmp_path / name)!r}); "
+                 "print('datasets' in sys.modules)")
+        imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+        assert imported.stdout.strip() == "False"
 
 
 def test_unreachable_hub_data_says_to_pass_a_local_file():

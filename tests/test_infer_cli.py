@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,18 @@ def test_long_inputs_keep_their_end_with_a_warning(model_dir, tmp_path):
     kept = wrapper.tokenizer(long_text)["input_ids"][-(wrapper.context_length - 4 - 3) :]
     new_tokens = wrapper.generate(torch.tensor([kept]), max_new_tokens=3)[0, len(kept) :]
     assert output == [wrapper.tokenizer.decode(new_tokens, skip_special_tokens=True)]
+
+
+@pytest.mark.parametrize("recorded, flag, expected", [
+    ({"precision": "bf16", "model_dtype": "bf16"}, None, torch.bfloat16),  # as train.py records it
+    ({"precision": "fp16", "model_dtype": "fp32"}, None, torch.float16),  # the compute dtype, not the weights'
+    ({"precision": "bf16"}, "fp32", torch.float32),  # --precision wins
+    ({}, None, torch.float32),  # a checkpoint that records nothing
+])
+def test_precision_defaults_to_the_one_the_checkpoint_was_trained_with(recorded, flag, expected, bloom_dir, checkpoint, tmp_path):
+    trained = tmp_path / "trained"
+    shutil.copytree(checkpoint, trained)
+    metadata = json.loads((trained / "soft_prompt.json").read_text())
+    (trained / "soft_prompt.json").write_text(json.dumps({**metadata, **recorded}))
+    model = load_model(bloom_dir, str(trained), flag)
+    assert model.base_model.dtype == expected and model.prompt.weight.dtype == torch.float32

@@ -40,14 +40,18 @@ def test_cli_trains_and_writes_the_run_folder(tmp_path):
     assert [line["step"] for line in train_lines] == list(range(1, 28))
     assert [line["step"] for line in eval_lines] == [9, 18, 27]
     assert set(train_lines[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "prompt_norm"}
-    assert sum(line["loss"] for line in train_lines[-9:]) / 9 < 0.7 * train_lines[0]["loss"]
-    assert eval_lines[-1]["eval_loss"] < eval_lines[0]["eval_loss"]
+    # The first step's batch is one length group (grouping is the default), so its loss is only
+    # roughly the epoch's: the last epoch's mean is compared with a margin, the evaluations strictly.
+    assert sum(line["loss"] for line in train_lines[-9:]) / 9 < 0.8 * train_lines[0]["loss"]
+    assert eval_lines[0]["eval_loss"] > eval_lines[1]["eval_loss"] > eval_lines[2]["eval_loss"]
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     config = json.loads((run / "train_config.json").read_text())
     assert config["optim"]["lr"] == 3e-2 and config["optim"]["batch_size"] == 4
     assert config["data"]["label_words"] == ["hate speech", "no hate speech"]  # the last field's values
     assert config["model"]["device"] == "cpu"
+    assert config["automatic"] == {"model_dtype": "fp32", "max_batch_tokens": 512}  # resolved on this CPU
+    assert (config["model"]["model_dtype"], config["optim"]["max_batch_tokens"], config["data"]["group_by_length"]) == ("fp32", 512, True)
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     best = SoftPromptModel.from_pretrained(base, run / "best")

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from .analysis import prompt_drift
 from .checkpoint import base_model_name, json_bytes, load_checkpoint, save_checkpoint, write_atomic
 from .config import TrainConfig
 from .data import (
@@ -364,6 +365,8 @@ def train(config: TrainConfig) -> dict:
         seed=run.seed,
         metadata=metadata,
     )
+    # The seeded init is the same on resume: what analysis measures the drift from (saved with the prompt).
+    initial_weight = model.prompt.weight.detach().clone()
     if resume_dir:
         weight, _ = load_checkpoint(resume_dir, base_model)
         with torch.no_grad():
@@ -415,6 +418,7 @@ def train(config: TrainConfig) -> dict:
             base_model,
             {**model.metadata, "step": state["step"]},
             extra_files=training_state_files(state, optimizer, scaler),
+            initial_weight=initial_weight,
         )
 
     def log(line: dict) -> None:
@@ -427,7 +431,8 @@ def train(config: TrainConfig) -> dict:
         log({"step": state["step"], "epoch": epoch_progress(), "eval_loss": eval_loss})
         if state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]:
             state["best_eval_loss"] = eval_loss
-            model.save_pretrained(output_dir / "best", step=state["step"], eval_loss=eval_loss)
+            best_metadata = {**model.metadata, "step": state["step"], "eval_loss": eval_loss}
+            save_checkpoint(output_dir / "best", model.prompt.weight, base_model, best_metadata, initial_weight=initial_weight)
 
     def epoch_progress() -> float:
         return state["epoch"] + state["batch_in_epoch"] / batches_per_epoch
@@ -508,6 +513,7 @@ def train(config: TrainConfig) -> dict:
                     "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s,
                     "prompt_norm": model.prompt.weight.detach().norm().item(),
+                    **prompt_drift(model.prompt.weight, initial_weight),
                 })
                 tokens_seen, window_tokens, window_started = tokens_seen + window_tokens, 0, now
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)

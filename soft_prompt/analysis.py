@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import load_initial_prompt
 from .data import IGNORE_INDEX, Example, check_template_columns, collate, load_rows, template_fields, tokenize_rows
@@ -191,6 +192,13 @@ def attention_to_prompt(model: SoftPromptModel, examples: list[Example], batch_s
     return (totals / count).tolist()
 
 
+def uniform_attention_share(examples: list[Example], num_virtual_tokens: int) -> float:
+    """The share `attention_to_prompt` would measure if every position attended evenly to all it
+    can see: text position t (1-based) sees V virtual tokens among V + t keys."""
+    shares = [num_virtual_tokens / (num_virtual_tokens + t) for example in examples for t in range(1, len(example.input_ids) + 1)]
+    return sum(shares) / len(shares)
+
+
 def analyze(
     model: SoftPromptModel,
     top_k: int = 5,
@@ -263,7 +271,7 @@ def analyze_rows(
     with swapped_prompt(model, hard_prompt):
         figures["hard_prompt"].update(scores_on(model, examples, rows, labels, batch_size))
     ablation = []
-    for index in range(prompt.shape[0]):
+    for index in tqdm(range(prompt.shape[0]), desc="ablating virtual tokens", unit="token", leave=False):
         ablated = prompt.clone()
         ablated[index] = mean_embedding
         with swapped_prompt(model, ablated):
@@ -271,6 +279,7 @@ def analyze_rows(
     figures["ablation"] = ablation
     try:
         figures["attention_to_prompt"] = attention_to_prompt(model, examples, batch_size)
+        figures["attention_uniform_share"] = uniform_attention_share(examples, model.num_virtual_tokens)
     except ValueError as error:
         figures["attention_to_prompt"] = None
         figures["attention_note"] = f"no attention figures: {error}"
@@ -339,7 +348,11 @@ def format_report(figures: dict) -> str:
             lines.append(line)
         if data["attention_to_prompt"] is not None:
             shares = " ".join(f"{share:.2f}" for share in data["attention_to_prompt"])
-            lines += ["", f"attention share of the text to the prompt, layer 1..{len(data['attention_to_prompt'])}: {shares}"]
+            lines += [
+                "",
+                f"attention share of the text to the prompt, layer 1..{len(data['attention_to_prompt'])}: {shares}",
+                f"  (evenly spread attention would give {data['attention_uniform_share']:.2f})",
+            ]
         else:
             lines += ["", data["attention_note"]]
     return "\n".join(lines)

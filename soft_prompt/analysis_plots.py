@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def save(figure, path: Path) -> Path:
@@ -16,6 +17,10 @@ def save(figure, path: Path) -> Path:
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return path
+
+
+def integer_ticks(axes) -> None:
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
 
 
 def plot_norms(figures: dict, path: Path) -> Path:
@@ -26,6 +31,7 @@ def plot_norms(figures: dict, path: Path) -> Path:
     axes.axhspan(vocabulary["p5"], vocabulary["p95"], color="gray", alpha=0.25, label="vocabulary 5-95%")
     axes.axhline(vocabulary["median"], color="gray", label="vocabulary median")
     axes.bar(range(len(norms)), norms, color="tab:blue", label="virtual token")
+    integer_ticks(axes)
     axes.set_xlabel("virtual token")
     axes.set_ylabel("L2 norm")
     if max(norms) > 10 * vocabulary["p95"]:
@@ -59,6 +65,7 @@ def plot_ablation(figures: dict, path: Path) -> Path:
         panels[1, 0].set_ylabel("accuracy change")
         panels[1, 0].axhline(0, color="black", linewidth=0.5)
     panels[-1, 0].set_xlabel("virtual token replaced by the mean vocabulary embedding")
+    integer_ticks(panels[-1, 0])
     return save(figure, path)
 
 
@@ -66,7 +73,9 @@ def plot_attention(figures: dict, path: Path) -> Path:
     """Share of the text's attention that goes to the virtual tokens, per layer."""
     shares = figures["data"]["attention_to_prompt"]
     figure, axes = plt.subplots(figsize=(7, 3.5))
-    axes.plot(range(1, len(shares) + 1), shares, "o-")
+    axes.plot(range(1, len(shares) + 1), shares, "o-", label="measured")
+    axes.axhline(figures["data"]["attention_uniform_share"], color="gray", linestyle="--", label="evenly spread attention")
+    axes.legend(fontsize=8)
     axes.set_xlabel("layer")
     axes.set_ylabel("attention share to the prompt")
     axes.set_ylim(0, 1)

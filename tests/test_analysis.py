@@ -10,10 +10,10 @@ import torch
 import analyze
 from soft_prompt import SoftPromptModel
 from soft_prompt.analysis import analyze as analyze_prompt
-from soft_prompt.analysis import attention_to_prompt, prompt_drift, script_of
+from soft_prompt.analysis import attention_to_prompt, prompt_drift, script_of, uniform_attention_share
 from soft_prompt.checkpoint import INITIAL_PROMPT_NAME, load_initial_prompt
 from soft_prompt.config import HATE_INIT_TEXT, resolve_config
-from soft_prompt.data import tokenize_rows
+from soft_prompt.data import Example, tokenize_rows
 from soft_prompt.embedding import text_init_ids
 from soft_prompt.tiny import demo_rows
 from soft_prompt.training import train
@@ -96,6 +96,11 @@ def test_attention_to_the_prompt_does_not_depend_on_padding_or_batching(model_di
     assert len(batched) == model.base_model.config.num_hidden_layers and all(0 < share < 1 for share in batched)
 
 
+def test_uniform_attention_share():
+    examples = [Example([5, 6], [5, 6]), Example([7], [7])]  # text positions 1, 2 and 1
+    assert uniform_attention_share(examples, 3) == pytest.approx((3 / 4 + 3 / 5 + 3 / 4) / 3)
+
+
 def test_no_attention_weights_is_a_message_not_a_crash(bloom_dir, monkeypatch):
     model = wrapped(bloom_dir, num_virtual_tokens=2)
 
@@ -161,6 +166,7 @@ def test_analyze_cli_writes_every_figure_and_the_plots(run_dir, tmp_path, capsys
         str(run_dir / "run" / "last"), "--model", str(run_dir / "model"), "--data", str(rows), "--rows", "5",
         "--top-k", "3", "--json", str(figures_file), "--plot", str(plots), "--device", "cpu",
     ]) == 0  # fmt: skip
+    assert 0 < json.loads(figures_file.read_text())["data"]["attention_uniform_share"] < 1
     report = capsys.readouterr().out
     assert "nearest tokens" in report and "hard prompt text" in report and "attention share" in report
     figures = json.loads(figures_file.read_text())

@@ -32,7 +32,8 @@ from .data import IGNORE_INDEX, Example, check_template_columns, collate, load_r
 from .inference import classify_rows, evaluate, load_model
 from .model import SoftPromptModel
 
-NO_LETTERS = "none"  # a neighbour with no letter: punctuation, digits, spaces, special tokens
+NO_LETTERS = "none"  # a neighbour with no letter: punctuation, digits, spaces
+SPECIAL = "special"  # the tokenizer's special tokens (<|im_end|>, <pad>, ...), whatever letters they hold
 PARTIAL_BYTES = "partial bytes"  # a byte-level token that is part of a multi-byte character
 SCRIPT_NAMES = {"CJK": "Han", "HANGUL": "Hangul"}
 
@@ -63,6 +64,7 @@ def script_of(text: str) -> str:
 def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, tokenizer, top_k: int = 5) -> list[list[dict]]:
     """For each virtual token of `prompt` `[V, D]`, the `top_k` rows of `embeddings` `[N, D]` with
     the highest cosine: [{"id", "text", "similarity", "script"}, ...] per token."""
+    special_ids = set(tokenizer.all_special_ids)
     similarity = torch.nn.functional.normalize(prompt.float(), dim=-1) @ torch.nn.functional.normalize(
         embeddings.float(), dim=-1
     ).T  # [V, N]
@@ -71,7 +73,7 @@ def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, tokenizer, to
     for row_values, row_ids in zip(values.tolist(), ids.tolist()):
         texts = [tokenizer.decode([token_id]) for token_id in row_ids]
         neighbours.append([
-            {"id": token_id, "text": text, "similarity": value, "script": script_of(text)}
+            {"id": token_id, "text": text, "similarity": value, "script": SPECIAL if token_id in special_ids else script_of(text)}
             for token_id, text, value in zip(row_ids, texts, row_values)
         ])
     return neighbours

@@ -44,6 +44,13 @@ def test_nearest_tokens_of_an_untrained_text_prompt_are_its_text(model_dir):
     assert figures["scripts"]["Latin"] > 0
 
 
+def test_special_tokens_are_their_own_script(bloom_dir):
+    text_tokens = len(load(bloom_dir)[1]("hate", add_special_tokens=False)["input_ids"])
+    model = wrapped(bloom_dir, num_virtual_tokens=text_tokens + 1, init="text", init_text="hate")  # + a pad token
+    figures = analyze_prompt(model, top_k=1)
+    assert [token["neighbours"][0]["script"] for token in figures["tokens"]] == ["Latin"] * text_tokens + ["special"]
+
+
 def test_script_of_decoded_tokens():
     assert [script_of(text) for text in ("hello", " Über", "中文", "привет", "مرحبا", "안녕", "γ")] == [
         "Latin", "Latin", "Han", "Cyrillic", "Arabic", "Hangul", "Greek"

@@ -238,14 +238,20 @@ def sweep(options: argparse.Namespace) -> list[dict]:
     todo = [cell for cell in cells if not (output_dir / "cells" / f"{cell.name}.json").is_file()]
     print(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
     base = json.loads(base_file.read_text())
-    for cell in tqdm(todo, desc="cells", unit="cell"):
+    for cell in tqdm([] if options.report_only else todo, desc="cells", unit="cell"):
         result = run_cell(cell, options, files, labels, eval_rows)
         write_atomic(output_dir / "cells" / f"{cell.name}.json", json_bytes(result))
         print(f"cell {cell.name}: accuracy {result['accuracy']:.3f}, {result['seconds']:.0f} s", file=sys.stderr)
-        write_tables(output_dir, finished(output_dir, cells), base, setting)  # a sweep stopped early keeps its tables
+        report(output_dir, cells, base, setting)  # a sweep stopped early keeps its tables and plots
+    return report(output_dir, cells, base, setting)
+
+
+def report(output_dir: Path, cells: list[Cell], base: dict, setting: dict) -> list[dict]:
+    """Rewrite the tables and plots from the finished cells of `cells`; returns their results."""
     results = finished(output_dir, cells)
     write_tables(output_dir, results, base, setting)
-    write_plots(output_dir, results, base)
+    if results:
+        write_plots(output_dir, results, base)
     return results
 
 
@@ -273,6 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init-text", default=HATE_INIT_TEXT, help="for the text-initialised cells")
     parser.add_argument("--labels", nargs="+", help="label words (default: the values of the template's last field)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the tables and plots from the finished ones")
     options = parser.parse_args(argv)
     quick_default = {"grid": ("quick", "full"), "train_rows": (32, None), "eval_rows": (32, None), "epochs": (1, 5)}
     for name, (quick, normal) in quick_default.items():

@@ -28,10 +28,10 @@ def test_grids():
     ]  # fmt: skip
 
 
-def run_sweep(model: str, data: Path, output_dir: Path) -> str:
+def run_sweep(model: str, data: Path, output_dir: Path, *extra: str) -> str:
     completed = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "sweep.py"), "--model", model, "--data", str(data),
-         "--eval-data", str(data), "--output-dir", str(output_dir), "--quick", "--device", "cpu"],
+         "--eval-data", str(data), "--output-dir", str(output_dir), "--quick", "--device", "cpu", *extra],
         check=True, capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     return completed.stderr
@@ -64,6 +64,8 @@ def test_quick_sweep_writes_tables_and_plots_and_resumes_without_redoing_cells(t
     kept, redone = (tmp_path / "cells" / f"{name}.json" for name in names)
     kept_before = (kept.read_text(), kept.stat().st_mtime_ns)
     redone.unlink()
+    run_sweep(model, data, tmp_path, "--report-only")  # runs nothing: the tables hold the finished cell
+    assert not redone.exists() and len(json.loads((tmp_path / "sweep.json").read_text())["cells"]) == 1
     assert "2 cells, 1 already done, 1 to run" in run_sweep(model, data, tmp_path)
     assert (kept.read_text(), kept.stat().st_mtime_ns) == kept_before and redone.is_file()
     assert len(json.loads((tmp_path / "sweep.json").read_text())["cells"]) == 2

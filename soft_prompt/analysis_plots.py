@@ -47,6 +47,8 @@ def plot_similarity(figures: dict, path: Path) -> Path:
     figure.colorbar(image, ax=axes, label="cosine")
     axes.set_xlabel("virtual token")
     axes.set_ylabel("virtual token")
+    integer_ticks(axes)
+    axes.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     return save(figure, path)
 
 

@@ -235,7 +235,11 @@ def sweep(options: argparse.Namespace) -> list[dict]:
     base_file = output_dir / "cells" / "base.json"
     if not base_file.is_file():
         write_atomic(base_file, json_bytes(base_scores(options, labels, eval_rows)))
+    unknown = sorted(set(options.cells or []) - {cell.name for cell in cells})
+    if unknown:
+        raise ValueError(f"--cells {unknown[0]} is not a cell of the {options.grid} grid with --seeds {options.seeds}")
     todo = [cell for cell in cells if not (output_dir / "cells" / f"{cell.name}.json").is_file()]
+    todo = [cell for cell in todo if not options.cells or cell.name in options.cells]
     print(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
     base = json.loads(base_file.read_text())
     for cell in tqdm([] if options.report_only else todo, desc="cells", unit="cell"):
@@ -279,6 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--init-text", default=HATE_INIT_TEXT, help="for the text-initialised cells")
     parser.add_argument("--labels", nargs="+", help="label words (default: the values of the template's last field)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    parser.add_argument("--cells", nargs="+", metavar="NAME", help="run only these cells of the grid (e.g. another seed of "
+                        "the best ones); the tables still show every finished cell")
     parser.add_argument("--report-only", action="store_true", help="run no cell: rewrite the tables and plots from the finished ones")
     options = parser.parse_args(argv)
     quick_default = {"grid": ("quick", "full"), "train_rows": (32, None), "eval_rows": (32, None), "epochs": (1, 5)}

@@ -66,6 +66,10 @@ def test_quick_sweep_writes_tables_and_plots_and_resumes_without_redoing_cells(t
     redone.unlink()
     run_sweep(model, data, tmp_path, "--report-only")  # runs nothing: the tables hold the finished cell
     assert not redone.exists() and len(json.loads((tmp_path / "sweep.json").read_text())["cells"]) == 1
+    run_sweep(model, data, tmp_path, "--cells", "text-v4-lr0.03-completion-seed7", "--seeds", "42", "7")  # another seed of one cell
+    cells = json.loads((tmp_path / "sweep.json").read_text())["cells"]
+    assert sorted(cell["name"] for cell in cells) == [names[0], "text-v4-lr0.03-completion-seed7"] and not redone.exists()
+    (tmp_path / "cells" / "text-v4-lr0.03-completion-seed7.json").unlink()
     assert "2 cells, 1 already done, 1 to run" in run_sweep(model, data, tmp_path)
     assert (kept.read_text(), kept.stat().st_mtime_ns) == kept_before and redone.is_file()
     assert len(json.loads((tmp_path / "sweep.json").read_text())["cells"]) == 2

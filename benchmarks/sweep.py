@@ -183,6 +183,8 @@ def write_plots(output_dir: Path, results: list[dict], base: dict) -> None:
         axes.plot(tokens, means, "o-" if len(tokens) > 1 else "o", label=f"{init}, lr {lr:g}, {loss_on}")
     axes.axhline(base["accuracy"], color="gray", linestyle="--", label="no prompt")
     axes.set_xscale("log")
+    token_counts = sorted({r["num_virtual_tokens"] for r in results})
+    axes.set_xticks(token_counts, [str(count) for count in token_counts])
     axes.set_xlabel("virtual tokens V")
     axes.set_ylabel("eval accuracy (label scoring)")
     axes.legend(fontsize=7, loc="best")

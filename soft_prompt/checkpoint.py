@@ -3,6 +3,7 @@
     adapter_model.safetensors   {"prompt_embeddings": [V, D] fp32}   (PEFT's key and shape)
     adapter_config.json         PEFT's PROMPT_TUNING config, written without importing peft
     soft_prompt.json            our metadata: init, template, label words, sha256 of the prompt ...
+    initial_prompt.safetensors  the prompt before training (optional; PEFT ignores it), for analysis
 
 A directory is written whole into a temporary sibling and swapped in by renames, so a crash while
 saving leaves the previous checkpoint intact.
@@ -25,6 +26,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT checkpoints (pickle; loaded weights_only)
 CONFIG_NAME = "adapter_config.json"
 METADATA_NAME = "soft_prompt.json"
+INITIAL_PROMPT_NAME = "initial_prompt.safetensors"
 PROMPT_KEY = "prompt_embeddings"
 PEFT_INIT_NAMES = {"random": "RANDOM", "uniform": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}
 OUR_INIT_NAMES = {"RANDOM": "random", "TEXT": "text", "SAMPLE_VOCAB": "vocab"}
@@ -124,8 +126,10 @@ def save_checkpoint(
     base_model: torch.nn.Module,
     metadata: dict,
     extra_files: dict[str, bytes] | None = None,
+    initial_weight: torch.Tensor | None = None,
 ) -> None:
-    """Write the prompt `weight` `[V, D]` and its configs (plus `extra_files`) atomically."""
+    """Write the prompt `weight` `[V, D]` and its configs (plus `extra_files`, and the prompt before
+    training, `initial_weight`, when given) atomically."""
     from . import __version__
 
     weight = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
@@ -144,7 +148,22 @@ def save_checkpoint(
         METADATA_NAME: json_bytes(ours),
         **(extra_files or {}),
     }
+    if initial_weight is not None:
+        initial_weight = initial_weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        files[INITIAL_PROMPT_NAME] = save({PROMPT_KEY: initial_weight}, metadata={"format": "pt"})
     write_directory_atomic(directory, files)
+
+
+def load_initial_prompt(directory: str | os.PathLike) -> torch.Tensor | None:
+    """The prompt before training `[V, D]` fp32 saved beside a checkpoint, or None where the
+    checkpoint has none (PEFT's, or older ones)."""
+    path = Path(directory) / INITIAL_PROMPT_NAME
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path)[PROMPT_KEY].to(torch.float32)
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{path} is truncated or corrupt ({error})") from None
 
 
 def json_bytes(obj: dict) -> bytes:

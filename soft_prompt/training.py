@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from .analysis import prompt_drift
 from .checkpoint import check_output_folder, json_bytes, load_checkpoint, save_checkpoint, write_atomic
 from .config import TrainConfig, resolve_automatic
 from .data import (
@@ -439,9 +440,12 @@ def prepare_output_dir(config: TrainConfig) -> tuple[Path, Path | None, dict | N
     return output_dir, resume_dir, resumed
 
 
-def build_model(config: TrainConfig, base_model, tokenizer, resume_dir: Path | None, resumed_step: int | None) -> SoftPromptModel:
-    """The frozen LM with the prompt, the only trainable parameter ([V, D], fp32), in train mode;
-    the prompt is the resumed run's (saved at `resumed_step`) when there is one."""
+def build_model(
+    config: TrainConfig, base_model, tokenizer, resume_dir: Path | None, resumed_step: int | None
+) -> tuple[SoftPromptModel, torch.Tensor]:
+    """(the frozen LM with the prompt, the only trainable parameter ([V, D], fp32), in train mode;
+    the prompt before training). The prompt is the resumed run's (saved at `resumed_step`) when
+    there is one; its seeded init is the same on resume, so the initial prompt is too."""
     model_cfg, prompt_cfg, data_cfg = config.model, config.prompt, config.data
     metadata = {
         "template": data_cfg.template,
@@ -463,6 +467,7 @@ def build_model(config: TrainConfig, base_model, tokenizer, resume_dir: Path | N
         seed=config.run.seed,
         metadata=metadata,
     )
+    initial_weight = model.prompt.weight.detach().clone()  # what the drift is measured from, saved with the prompt
     if resume_dir:
         weight, saved = load_checkpoint(resume_dir, base_model)
         if saved.get("step", resumed_step) != resumed_step:
@@ -472,7 +477,7 @@ def build_model(config: TrainConfig, base_model, tokenizer, resume_dir: Path | N
             )
         with torch.no_grad():
             model.prompt.weight.copy_(weight)
-    return model.train()  # the frozen model's dropout is on during training, as in HF Trainer
+    return model.train(), initial_weight  # the frozen model's dropout is on during training, as in HF Trainer
 
 
 def open_metrics(path: Path, kept_lines: list[str] | None) -> None:
@@ -561,20 +566,24 @@ def train_step(
     return step_loss, grad_norm, finite
 
 
-def save_last(output_dir: Path, model: SoftPromptModel, state: TrainState, optimizer, scaler) -> None:
-    """`last/`: the prompt and all the loop needs to resume (`training_state_files`)."""
+def save_last(
+    output_dir: Path, model: SoftPromptModel, initial_weight: torch.Tensor, state: TrainState, optimizer, scaler
+) -> None:
+    """`last/`: the prompt, the prompt before training and all the loop needs to resume
+    (`training_state_files`)."""
     save_checkpoint(
         output_dir / "last",
         model.prompt.weight,
         model.base_model,
         {**model.metadata, "step": state.step},
         extra_files=training_state_files(state.to_dict(), optimizer, scaler),
+        initial_weight=initial_weight,
     )
 
 
 def evaluate_and_keep_best(
-    model: SoftPromptModel, state: TrainState, eval_examples: list[Example], batch_size: int, autocast,
-    pad_token_id: int, output_dir: Path, metrics_path: Path, epoch: float, world: World,
+    model: SoftPromptModel, initial_weight: torch.Tensor, state: TrainState, eval_examples: list[Example],
+    batch_size: int, autocast, pad_token_id: int, output_dir: Path, metrics_path: Path, epoch: float, world: World,
 ) -> None:
     """Evaluate (every rank), log it and save `best/` when the eval loss is the lowest so far
     (rank 0)."""
@@ -586,7 +595,8 @@ def evaluate_and_keep_best(
     if world.is_main:
         log_metrics(metrics_path, {"step": state.step, "epoch": epoch, "eval_loss": eval_loss})
         if is_best:
-            model.save_pretrained(output_dir / "best", step=state.step, eval_loss=eval_loss)
+            metadata = {**model.metadata, "step": state.step, "eval_loss": eval_loss}
+            save_checkpoint(output_dir / "best", model.prompt.weight, model.base_model, metadata, initial_weight=initial_weight)
 
 
 def report(summary: dict, output_dir: Path, total_steps: int) -> None:
@@ -641,7 +651,7 @@ def train(config: TrainConfig) -> dict:
     train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
 
     # The prompt reads embedding rows (text and vocab init) before any weight is sharded.
-    model = build_model(config, base_model, tokenizer, resume_dir, resumed["step"] if resumed else None)
+    model, initial_weight = build_model(config, base_model, tokenizer, resume_dir, resumed["step"] if resumed else None)
     check_fits_context(train_examples + eval_examples, prompt_cfg.num_virtual_tokens, model.context_length)
     metrics_path = output_dir / "metrics.jsonl"
     kept_metrics = metrics_up_to(metrics_path, resumed["step"]) if resumed else None
@@ -734,6 +744,7 @@ def train(config: TrainConfig) -> dict:
                     "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s,
                     "prompt_norm": model.prompt.weight.detach().norm().item(),
+                    **prompt_drift(model.prompt.weight, initial_weight),
                 })  # fmt: skip
             if state.step % run.log_every == 0 or last_step:
                 tokens_seen, window_tokens, window_started = tokens_seen + window_tokens, 0, now
@@ -743,12 +754,12 @@ def train(config: TrainConfig) -> dict:
             eval_due = (state.step % run.eval_every == 0) if run.eval_every else end_of_epoch
             if eval_examples and (eval_due or last_step):
                 evaluate_and_keep_best(
-                    model, state, eval_examples, optim.batch_size, autocast, tokenizer.pad_token_id,
+                    model, initial_weight, state, eval_examples, optim.batch_size, autocast, tokenizer.pad_token_id,
                     output_dir, metrics_path, state.epoch_progress(batches_per_epoch), world,
                 )  # fmt: skip
             stopping = world.any(stop.requested, device)  # every rank stops after the same step
             if world.is_main and ((run.save_every and state.step % run.save_every == 0) or last_step or stopping):
-                save_last(output_dir, model, state, optimizer, scaler)
+                save_last(output_dir, model, initial_weight, state, optimizer, scaler)
             if stopping and not last_step:
                 interrupted = True
                 break

@@ -39,7 +39,8 @@ def test_cli_trains_and_writes_the_run_folder(tmp_path):
     eval_lines = [line for line in lines if "eval_loss" in line]
     assert [line["step"] for line in train_lines] == list(range(1, 28))
     assert [line["step"] for line in eval_lines] == [9, 18, 27]
-    assert set(train_lines[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "prompt_norm"}
+    assert set(train_lines[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "prompt_norm",
+                                  "prompt_distance", "prompt_cosine"}
     # The first step's batch is one length group (grouping is the default), so its loss is only
     # roughly the epoch's: the last epoch's mean is compared with a margin, the evaluations strictly.
     assert sum(line["loss"] for line in train_lines[-9:]) / 9 < 0.8 * train_lines[0]["loss"]

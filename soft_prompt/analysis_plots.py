@@ -1,0 +1,112 @@
+"""The figures of `analysis.analyze` as PNGs (matplotlib, Agg): norms against the vocabulary's,
+the pairwise similarity heatmap, ablation bars, attention per layer and the drift over training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+
+def save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
+def integer_ticks(axes) -> None:
+    axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+
+
+def plot_norms(figures: dict, path: Path) -> Path:
+    """Each virtual token's norm on the vocabulary's norm range (5-95% band, median line)."""
+    vocabulary = figures["vocabulary_norms"]
+    norms = [token["norm"] for token in figures["tokens"]]
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    axes.axhspan(vocabulary["p5"], vocabulary["p95"], color="gray", alpha=0.25, label="vocabulary 5-95%")
+    axes.axhline(vocabulary["median"], color="gray", label="vocabulary median")
+    axes.bar(range(len(norms)), norms, color="tab:blue", label="virtual token")
+    integer_ticks(axes)
+    axes.set_xlabel("virtual token")
+    axes.set_ylabel("L2 norm")
+    if max(norms) > 10 * vocabulary["p95"]:
+        axes.set_yscale("log")
+    axes.legend(fontsize=8)
+    return save(figure, path)
+
+
+def plot_similarity(figures: dict, path: Path) -> Path:
+    """Cosine between every two virtual tokens."""
+    figure, axes = plt.subplots(figsize=(4.5, 4))
+    image = axes.imshow(figures["pairwise_cosine"], vmin=-1, vmax=1, cmap="RdBu_r")
+    figure.colorbar(image, ax=axes, label="cosine")
+    axes.set_xlabel("virtual token")
+    axes.set_ylabel("virtual token")
+    integer_ticks(axes)
+    axes.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    return save(figure, path)
+
+
+def plot_ablation(figures: dict, path: Path) -> Path:
+    """Loss increase (and accuracy change) when each virtual token is replaced by the mean embedding."""
+    data = figures["data"]
+    full = data["soft_prompt"]
+    indices = [entry["index"] for entry in data["ablation"]]
+    with_accuracy = "accuracy" in full
+    figure, panels = plt.subplots(2 if with_accuracy else 1, 1, figsize=(7, 5 if with_accuracy else 3), sharex=True, squeeze=False)
+    panels[0, 0].bar(indices, [entry["loss"] - full["loss"] for entry in data["ablation"]], color="tab:red")
+    panels[0, 0].set_ylabel("loss change")
+    panels[0, 0].axhline(0, color="black", linewidth=0.5)
+    if with_accuracy:
+        panels[1, 0].bar(indices, [entry["accuracy"] - full["accuracy"] for entry in data["ablation"]], color="tab:purple")
+        panels[1, 0].set_ylabel("accuracy change")
+        panels[1, 0].axhline(0, color="black", linewidth=0.5)
+    panels[-1, 0].set_xlabel("virtual token replaced by the mean vocabulary embedding")
+    integer_ticks(panels[-1, 0])
+    return save(figure, path)
+
+
+def plot_attention(figures: dict, path: Path) -> Path:
+    """Share of the text's attention that goes to the virtual tokens, per layer."""
+    shares = figures["data"]["attention_to_prompt"]
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    axes.plot(range(1, len(shares) + 1), shares, "o-", label="measured")
+    axes.axhline(figures["data"]["attention_uniform_share"], color="gray", linestyle="--", label="evenly spread attention")
+    axes.legend(fontsize=8)
+    axes.set_xlabel("layer")
+    axes.set_ylabel("attention share to the prompt")
+    axes.set_ylim(0, 1)
+    return save(figure, path)
+
+
+def plot_drift(figures: dict, path: Path) -> Path:
+    """Distance and mean cosine to the initial prompt over the training steps."""
+    curve = figures["training"]
+    steps = [line["step"] for line in curve]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    left.plot(steps, [line["prompt_distance"] for line in curve])
+    left.set_ylabel("distance to the initial prompt")
+    right.plot(steps, [line["prompt_cosine"] for line in curve], color="tab:orange")
+    right.set_ylabel("mean cosine to the initial prompt")
+    for axes in (left, right):
+        axes.set_xlabel("optimizer step")
+    return save(figure, path)
+
+
+def write_plots(figures: dict, directory: str | Path) -> list[Path]:
+    """Every plot the figures allow, into `directory`; returns the paths written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = [plot_norms(figures, directory / "norms.png"), plot_similarity(figures, directory / "similarity.png")]
+    if figures.get("data"):
+        written.append(plot_ablation(figures, directory / "ablation.png"))
+        if figures["data"]["attention_to_prompt"] is not None:
+            written.append(plot_attention(figures, directory / "attention.png"))
+    if figures.get("training"):
+        written.append(plot_drift(figures, directory / "drift.png"))
+    return written

@@ -15,7 +15,9 @@ import warnings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from soft_prompt.config import OneLineParser  # a bad flag is one line and exit code 2
+
+    parser = OneLineParser(prog="analyze.py", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a soft-prompt (or PEFT prompt-tuning) checkpoint directory")
     parser.add_argument("--model", required=True, help="the frozen base model: hub id or folder")
     parser.add_argument("--top-k", type=int, default=5, help="nearest vocabulary tokens per virtual token")

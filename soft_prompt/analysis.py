@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_initial_prompt
 from .data import IGNORE_INDEX, Example, check_template_columns, collate, load_rows, template_fields, tokenize_rows
-from .inference import evaluate, load_model
+from .inference import evaluate, load_model, write_output
 from .model import SoftPromptModel
 
 NO_LETTERS = "none"  # a neighbour with no letter: punctuation, digits, spaces
@@ -383,7 +383,7 @@ def run(options: argparse.Namespace) -> dict:
     figures.update(checkpoint=str(options.checkpoint), model=options.model)
     print(format_report(figures))
     if options.json:
-        Path(options.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+        write_output(options.json, json.dumps(figures, indent=2) + "\n")
         print(f"\nfigures written to {options.json}")
     if options.plot:
         from .analysis_plots import write_plots

@@ -9,15 +9,12 @@ A run folder holds:
                         (the fields resolved from `auto`)
     metrics.jsonl       one line per logged step (and one per evaluation)
     loss_curve.png      train and eval loss (when matplotlib is installed)
-    best/               the prompt with the lowest eval loss so far
-    last/               the latest prompt, plus the training state to resume from:
-        training_state.json          step, data position, scaler, python/numpy RNG, counters
-        training_state.safetensors   AdamW moments and torch RNG states (no pickle anywhere)
+    best/               the prompt with the lowest eval loss so far (and the prompt before training)
+    last/               the latest prompt, plus the training state to resume from (`training_state.py`)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -31,8 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from .analysis import prompt_drift
@@ -47,7 +42,6 @@ from .data import (
     collate,
     label_words_of,
     load_rows,
-    read_lines,
     split_batch,
     split_validation,
     tokenize_rows,
@@ -55,12 +49,16 @@ from .data import (
 from .bloom_sdpa import use_sdpa_attention
 from .distributed import World, init_world, shard_frozen_model
 from .model import DTYPES, SoftPromptModel, load_base_model
+from .training_state import (
+    TrainState,
+    find_resume_dir,
+    metrics_up_to,
+    read_training_state,
+    restore_training_state,
+    training_state_files,
+)
 
 TINY_MODEL = "tiny-bloom"  # --model tiny-bloom: a tiny random BLOOM written into the run folder
-STATE_JSON = "training_state.json"
-STATE_TENSORS = "training_state.safetensors"
-# What `training_state_files` writes into STATE_JSON beside the loop's counters (TrainState's fields).
-STATE_EXTRA_KEYS = frozenset({"scaler", "rng_python", "rng_numpy"})
 
 
 class TrainingDiverged(RuntimeError):
@@ -205,106 +203,6 @@ def evaluate(
     return total / max(count, 1)
 
 
-# -- training state (no pickle: tensors in safetensors, everything else in JSON) -----------------
-
-
-def training_state_files(state: dict, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> dict[str, bytes]:
-    """The resumable state at a step boundary, as the two extra files of `last/`."""
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, rng in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{index}"] = rng
-    for param_id, param_state in optimizer.state_dict()["state"].items():
-        for key, value in param_state.items():  # AdamW: step, exp_avg, exp_avg_sq
-            tensors[f"optimizer.{param_id}.{key}"] = value.detach().cpu().contiguous()
-    numpy_state = np.random.get_state()
-    python_state = random.getstate()
-    state = {
-        **state,
-        "scaler": scaler.state_dict(),
-        "rng_python": [python_state[0], list(python_state[1]), python_state[2]],
-        "rng_numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-    }
-    return {STATE_JSON: json_bytes(state), STATE_TENSORS: save(tensors)}
-
-
-def read_training_state(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(the JSON state, the tensors) that `training_state_files` wrote. A missing, truncated or
-    corrupt file is a one-line ValueError saying so, before anything of the run is changed."""
-    advice = "resume from an intact copy, or start a new --output-dir without --resume"
-    try:
-        state = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
-        raise ValueError(f"{directory / STATE_JSON} is truncated or corrupt ({error}): {advice}") from None
-    expected = STATE_EXTRA_KEYS | {field.name for field in dataclasses.fields(TrainState)}
-    missing = expected - set(state) if isinstance(state, dict) else expected
-    if missing:
-        raise ValueError(f"{directory / STATE_JSON} lacks {sorted(missing)}: it is damaged or not ours; {advice}")
-    try:
-        tensors = load_file(directory / STATE_TENSORS)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{directory / STATE_TENSORS} is truncated or corrupt ({error}): {advice}") from None
-    moments = [name for name in tensors if name.startswith("optimizer.") and not name.endswith(".step")]
-    if "rng.torch" not in tensors or any(
-        tensors[name].shape[:1] != (state["num_virtual_tokens"],) for name in moments
-    ):
-        raise ValueError(f"{directory / STATE_TENSORS} does not hold this run's optimizer and RNG state: {advice}")
-    return state, tensors
-
-
-def restore_training_state(directory: Path, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> dict:
-    """Load what `training_state_files` wrote into the optimizer, scaler and RNGs; returns the
-    loop's own state (step, data position, counters)."""
-    state, tensors = read_training_state(directory)
-    optimizer_state = optimizer.state_dict()
-    moments: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer."):
-            _, param_id, key = name.split(".", 2)
-            moments.setdefault(int(param_id), {})[key] = value
-    optimizer_state["state"] = moments
-    optimizer.load_state_dict(optimizer_state)  # moves the moments to the prompt's device
-    if state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
-        if cuda_states:
-            torch.cuda.set_rng_state_all(cuda_states)
-    version, internal, gauss = state["rng_python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["rng_numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    return {key: value for key, value in state.items() if key not in ("scaler", "rng_python", "rng_numpy")}
-
-
-def metrics_up_to(path: Path, step: int) -> list[str]:
-    """The lines of a resumed run's metrics.jsonl up to `step` (the interrupted run's later lines
-    are redone). A last line cut short by a crash is dropped; any other damaged line is an error."""
-    lines = [line for line in read_lines(path) if line.strip()] if path.is_file() else []
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            done = json.loads(line)["step"] <= step
-        except (ValueError, TypeError, KeyError):
-            if number == len(lines):
-                break  # appended when the run stopped, after the step it saved
-            raise ValueError(
-                f"{path}:{number}: not a metrics line (JSON with a step): mend or delete that line to resume"
-            ) from None
-        if done:
-            kept.append(line)
-    return kept
-
-
-def find_resume_dir(path: str) -> Path:
-    """`--resume` takes a run folder or its `last/`."""
-    for candidate in (Path(path) / "last", Path(path)):
-        if (candidate / STATE_JSON).is_file():
-            return candidate
-    raise ValueError(f"--resume {path}: no {STATE_JSON} there or in {path}/last: not a run folder to continue")
-
-
 class StopRequest:
     """The first Ctrl-C asks the loop to stop at the next step boundary (so `last/` is exact);
     a second one interrupts at once. Under torchrun every Ctrl-C only asks (torchrun passes the
@@ -374,44 +272,6 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 # -- the run ------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Where the loop is and what it has counted: everything a resumed run needs beside the
-    optimizer, the scaler and the RNGs. Saved as `last/training_state.json`."""
-
-    model: str
-    num_virtual_tokens: int
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of the current epoch already trained on
-    epoch_loss_sum: float = 0.0
-    epoch_steps: int = 0
-    best_eval_loss: float | None = None
-    eval_loss: float | None = None
-    skipped_steps: int = 0
-    bad_steps_in_a_row: int = 0
-
-    @classmethod
-    def from_dict(cls, saved: dict) -> "TrainState":
-        return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls)})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def epoch_progress(self, batches_per_epoch: int) -> float:
-        return self.epoch + self.batch_in_epoch / batches_per_epoch
-
-    def count_step(self, loss: float, finite: bool) -> None:
-        """Count a step's loss toward the epoch's mean, or count it as skipped."""
-        if finite:
-            self.bad_steps_in_a_row = 0
-            self.epoch_loss_sum += loss
-            self.epoch_steps += 1
-        else:
-            self.skipped_steps += 1
-            self.bad_steps_in_a_row += 1
 
 
 def prepare_output_dir(config: TrainConfig) -> tuple[Path, Path | None, dict | None]:

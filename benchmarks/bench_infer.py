@@ -4,9 +4,10 @@
 
 1. Generation tokens/s on the tutorial's inputs, batch 1 and 16, greedy, repetition_penalty 1.5:
    ours (prefix cache; and without it) vs PEFT with use_cache=False and, where it runs, cached.
-2. Classification of labelled rows: ours `classify()` (label scoring, one batched forward per
-   rows x labels) vs PEFT `generate(max_new_tokens=3)` read as the tutorial reads it.
-Prints a table with ratios and writes benchmarks/results/infer-<model>.md/.json.
+2. Classification of labelled rows: ours `classify()` (label scoring: one pass over each row's
+   prefix, every label scored after it) vs PEFT `generate(max_new_tokens=3)` read as the tutorial reads it.
+Prints a table with ratios and writes benchmarks/results/infer-<model>.md/.json
+(--classification-only: 2. alone, to infer-classification-<model>.md/.json).
 Without --model it builds a tiny Llama (seconds).
 
     python benchmarks/bench_infer.py --many-prompts --model DIR --data FILE.jsonl [--rows 48] [--prompt-counts 1 4 16]
@@ -337,6 +338,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output-dir", default=str(RESULTS))
+    parser.add_argument("--classification-only", action="store_true", help="skip the generation sides")
     many = parser.add_argument_group("many prompts on one model")
     many.add_argument("--many-prompts", action="store_true", help="run the many-prompts comparison instead")
     many.add_argument("--prompt-counts", type=int, nargs="+", default=[1, 4, 16], help="the values of K")
@@ -372,7 +374,7 @@ def main() -> None:
         ours = SoftPromptModel(base, num_virtual_tokens=args.num_virtual_tokens, seed=0, tokenizer=tokenizer)
     peft_model = peft_twin(model_dir, ours.prompt.weight.detach())
 
-    generation = generation_rows(ours, peft_model, tokenizer, args.max_new_tokens)
+    generation = [] if args.classification_only else generation_rows(ours, peft_model, tokenizer, args.max_new_tokens)
     classification = classification_rows(ours, peft_model, tokenizer, data_rows, args.batch_size)
     write_report(args, model_dir, generation, classification)
 
@@ -381,15 +383,16 @@ def write_report(args, model_dir: str, generation: list[dict], classification: l
     name = Path(args.model).name if args.model else "tiny-llama"
     command = "python benchmarks/bench_infer.py " + " ".join(
         f"{key}={value}" for key, value in [("--model", args.model), ("--data", args.data), ("--rows", args.rows)] if value
-    )
+    ) + (" --classification-only" if args.classification_only else "")
     lines = [
         f"# Inference: ours vs PEFT ({name})", "", f"`{command}`", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}", "",
-        f"## Generation ({args.max_new_tokens} new tokens, greedy, repetition_penalty 1.5)", "",
-        "| batch | side | new tokens/s | ours (prefix cache) / side | same tokens as ours |",
-        "| --- | --- | --- | --- | --- |",
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}",
     ]
+    if generation:
+        lines += ["", f"## Generation ({args.max_new_tokens} new tokens, greedy, repetition_penalty 1.5)", "",
+                  "| batch | side | new tokens/s | ours (prefix cache) / side | same tokens as ours |",
+                  "| --- | --- | --- | --- | --- |"]
     for row in generation:
         reference = next(r for r in generation if r["batch"] == row["batch"] and r["side"] == "ours (prefix cache)")
         if "error" in row:
@@ -406,7 +409,8 @@ def write_report(args, model_dir: str, generation: list[dict], classification: l
         f"| {row['side']} | {row['rows_per_second']:.2f} | {row['accuracy']:.3f} | {row['not_a_label']:.1%} | "
         f"{ours_rate / row['rows_per_second']:.2f}x |" for row in classification
     ]
-    save_report(args.output_dir, f"infer-{name}", lines,
+    stem = f"infer-classification-{name}" if args.classification_only else f"infer-{name}"
+    save_report(args.output_dir, stem, lines,
                 {"command": command, "generation": generation, "classification": classification})
 
 

@@ -51,6 +51,13 @@ def test_bench_infer_generation_agrees_with_peft_uncached(tmp_path):
     assert report["classification"][0]["not_a_label"] == 0.0
 
 
+def test_bench_infer_classification_only_skips_generation(tmp_path):
+    run("bench_infer.py", tmp_path, "--rows", "4", "--num-virtual-tokens", "4", "--classification-only")
+    report = json.loads((tmp_path / "infer-classification-tiny-llama.json").read_text())
+    assert report["generation"] == []
+    assert [row["side"] for row in report["classification"]] == ["ours classify()", "PEFT generate(max_new_tokens=3)"]
+    assert not (tmp_path / "infer-tiny-llama.json").exists()
+
 def test_bench_infer_many_prompts_gives_every_side_the_same_tokens(tmp_path):
     # About 20 s: four fresh processes (the script, then one per side, as it measures each side's own memory).
     run("bench_infer.py", tmp_path, "--many-prompts", "--rows", "6", "--max-new-tokens", "3", "--num-virtual-tokens", "4",

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_initial_prompt
 from .data import IGNORE_INDEX, Example, check_template_columns, collate, load_rows, template_fields, tokenize_rows
 from .inference import evaluate, load_model, write_output
-from .model import SoftPromptModel
+from .model import SoftPromptModel, pick_device
 
 NO_LETTERS = "none"  # a neighbour with no letter: punctuation, digits, spaces
 SPECIAL = "special"  # the tokenizer's special tokens (<|im_end|>, <pad>, ...), whatever letters they hold
@@ -364,6 +364,8 @@ def run(options: argparse.Namespace) -> dict:
     """What `analyze.py` does (see its --help): analyse, print, and write the JSON and plots."""
     if options.top_k < 1 or options.rows < 1 or options.batch_size < 1:
         raise ValueError("--top-k, --rows and --batch-size must be at least 1")
+    if options.device is not None:
+        pick_device(options.device)  # a device this machine has, before anything is loaded
     if not Path(options.checkpoint).is_dir():  # before the minutes of loading a model
         raise ValueError(f"checkpoint directory {options.checkpoint} does not exist")
     rows = None

@@ -375,3 +375,8 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids `[B, L]` that count only real positions: padding does not advance them, so a
+    row's tokens sit where they would alone, whatever padding (or shorter prompt) precedes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -31,6 +31,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from .data import positions_from_mask
+
 if TYPE_CHECKING:
     from .model import SoftPromptModel
 
@@ -160,7 +162,7 @@ def generate_from_prompt_cache(
     cache, prompt_mask = batch_prompt_cache(model, prompt_names or [model.active_prompt] * batch_size)
     num_virtual = prompt_mask.shape[1]
     attention_mask = torch.cat([prompt_mask.to(attention_mask), attention_mask], dim=1)  # [B, V + T]
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, num_virtual:]  # [B, T]
+    position_ids = positions_from_mask(attention_mask)[:, num_virtual:]  # [B, T]
     if config.do_sample:
         processors = LogitsProcessorList([*processors, *sampling_warpers(config)])
     eos = torch.tensor(as_list(config.eos_token_id), dtype=torch.long, device=input_ids.device)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .checkpoint import METADATA_NAME, CheckpointError, check_output_folder, read_json, write_atomic
 from .data import check_label_words, read_json_lines, read_lines, template_fields
-from .model import DEFAULT_PROMPT, DTYPES, SoftPromptModel, load_base_model
+from .model import DEFAULT_PROMPT, DTYPES, SoftPromptModel, load_base_model, pick_device
 from .scoring import label_sequences, truncate_left
 
 
@@ -158,7 +158,10 @@ def check_options(options: argparse.Namespace) -> None:
         except ValueError as error:
             raise InferenceError(str(error)) from None
     if options.device is not None:
-        check_device(options.device)
+        try:
+            pick_device(options.device)
+        except ValueError as error:
+            raise InferenceError(str(error)) from None
     files = [("--input-file", options.input_file), ("--eval", options.eval), ("--output", options.output),
              ("--metrics", options.metrics if options.eval else None)]
     files = [(flag, Path(path).resolve()) for flag, path in files if path]
@@ -166,18 +169,6 @@ def check_options(options: argparse.Namespace) -> None:
         for other_flag, other in files[index + 1 :]:
             if path == other:
                 raise InferenceError(f"{flag} and {other_flag} are the same file {path}: give each its own")
-
-
-def check_device(name: str) -> None:
-    """A device torch knows and this machine has."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InferenceError(f"--device {name} is not a device: pass cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceError(f"--device {name}, but torch sees no CUDA device: pass --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InferenceError(f"--device {name}, but torch sees no MPS device: pass --device cpu")
 
 
 def check_output_file(path: str, flag: str) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import generation, scoring
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, positions_from_mask
 from .embedding import SoftPromptEmbedding
 from .loss import frozen_head_cross_entropy
 
@@ -52,6 +52,26 @@ def load_base_model(name: str, model_dtype: str = "fp32", device: torch.device |
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out and never labelled
     return model.to(device).eval(), tokenizer
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: cuda, then mps, then cpu; otherwise a device torch knows (`cuda:1` too) and this
+    machine has. A one-line ValueError otherwise."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device: pass cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}, but torch sees no CUDA device: pass --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}, but torch sees no MPS device: pass --device cpu")
+    return device
 
 
 class SoftPromptModel(nn.Module):
@@ -152,7 +172,7 @@ class SoftPromptModel(nn.Module):
         inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
         if self.takes_position_ids:
             # Padding does not advance the position: the prompt sits at 0..V-1, the text after it.
-            inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            inputs["position_ids"] = positions_from_mask(attention_mask)
         return inputs
 
     def prompt_block(

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from .data import split_template, template_fields
+from .data import positions_from_mask, split_template, template_fields
 from .generation import batch_prompt_cache, prefix_cache_supported
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ def continued_positions(model: SoftPromptModel, attention_mask: torch.Tensor, ne
     before them (BLOOM takes its positions from the mask instead: nothing to pass)."""
     if not model.takes_position_ids:
         return {}
-    return {"position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_length:]}
+    return {"position_ids": positions_from_mask(attention_mask)[:, -new_length:]}
 
 
 def selected_logits(model: SoftPromptModel, inputs: dict, rows: list[int], positions: list[int], cache=None) -> torch.Tensor:

@@ -48,7 +48,7 @@ from .data import (
 )
 from .bloom_sdpa import use_sdpa_attention
 from .distributed import World, init_world, shard_frozen_model
-from .model import DTYPES, SoftPromptModel, load_base_model
+from .model import DTYPES, SoftPromptModel, load_base_model, pick_device
 from .training_state import (
     TrainState,
     find_resume_dir,
@@ -66,21 +66,6 @@ class TrainingDiverged(RuntimeError):
 
 
 # -- setup --------------------------------------------------------------------------------------
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto`: cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device: pass --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps, but torch sees no MPS device: pass --device cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:

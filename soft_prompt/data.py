@@ -361,18 +361,24 @@ def split_batch(indices: list[int], lengths: list[int], max_tokens: int, extra_t
     return pieces
 
 
+def right_padded(
+    rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id lists as a right-padded batch `[B, T]`, T the longest row, and its mask (1 on real ids)."""
+    length = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
     """`input_ids`, `attention_mask`, `labels`, each `[B, T]`, T the batch's longest row; padding
     on the right (pad id, mask 0, label -100)."""
-    length = max(len(example.input_ids) for example in examples)
-    input_ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        attention_mask[row, :n] = 1
+    input_ids, attention_mask = right_padded([example.input_ids for example in examples], pad_token_id)
+    labels, _ = right_padded([example.labels for example in examples], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from .data import positions_from_mask, split_template, template_fields
+from .data import positions_from_mask, right_padded, split_template, template_fields
 from .generation import batch_prompt_cache, prefix_cache_supported
 
 if TYPE_CHECKING:
@@ -171,17 +171,6 @@ def prefix_batches(order: list, prefixes: dict[tuple, list[int]], batch_size: in
         count += len(prefixes[key])
     if batch:
         yield batch
-
-
-def right_padded(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists as a right-padded batch `[B, T]` and its mask."""
-    length = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def continued_positions(model: SoftPromptModel, attention_mask: torch.Tensor, new_length: int) -> dict:

@@ -27,6 +27,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import IGNORE_INDEX, positions_from_mask
 from .embedding import SoftPromptEmbedding
 from .loss import frozen_head_cross_entropy
+from .weights import load_converted
 
 DEFAULT_PROMPT = "default"  # the name of the prompt made by __init__ and loaded by from_pretrained
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,7 +42,9 @@ def load_base_model(name: str, model_dtype: str = "fp32", device: torch.device |
         raise ValueError(f"--model {name} is a file: pass a model folder or a hub name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[model_dtype])
+        model = load_converted(name, DTYPES[model_dtype])  # None: nothing to convert, or not read by us
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[model_dtype])
     except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a truncated weights file
         reason = str(error).splitlines()[0]
         if Path(name).is_dir():

@@ -28,11 +28,15 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = torch.nn.functional.linear(hidden[rows], weight, bias).to(softmax_dtype)  # [n, vocab]
-            log_normaliser = logits.logsumexp(dim=-1)  # [n]
+            # log-sum-exp by hand, in place: one exp over the block, which the gradient reuses, and
+            # no second [n, vocab] block (torch.logsumexp allocates one for its exp).
+            row_max = logits.amax(dim=-1, keepdim=True)  # [n, 1]
             target_logits = logits.gather(1, targets[rows, None]).squeeze(1)
-            loss += (log_normaliser - target_logits).sum()
+            exps = logits.sub_(row_max).exp_()  # exp(logit - max), in place of the logits
+            sums = exps.sum(dim=-1, keepdim=True)
+            loss += (sums.log() + row_max - target_logits[:, None]).sum()
             if needs_grad:
-                probs = logits.sub_(log_normaliser[:, None]).exp_()  # softmax, in place of the logits
+                probs = exps.div_(sums)  # softmax
                 probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1
                 grad_hidden[rows] = probs.to(weight.dtype) @ weight  # [n, D]
         if needs_grad:

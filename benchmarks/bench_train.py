@@ -155,8 +155,8 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
 def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
     """The shipped loop (`soft_prompt.training.train`). `defaults` is given only the tutorial's own
     settings (what a new user types), so it runs whatever train.py chooses by default; `plain` turns
-    every lever off (the plain shuffle, whole batches, fp32 weights: the defaults before they were
-    made fast). The other sides set each lever: `ours` length-grouped batches, whole, with fp32
+    every lever off (the plain shuffle, whole batches, fp32 weights, the attention kernel the model
+    loads with: the defaults before they were made fast). The other sides set each lever: `ours` length-grouped batches, whole, with fp32
     weights (bf16/fp16 with --ours-model-dtype); `ours-micro-batches` adds `--max-batch-tokens` and `ours-checkpointed`
     gradient checkpointing (each trades time for activation memory in its own way)."""
     from safetensors.torch import load_file
@@ -175,7 +175,7 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
     levers = {
         "model_dtype": args.precision if args.ours_model_dtype and args.side != "plain" else "fp32",
         "group_by_length": args.side != "plain",
-        "attention": args.ours_attention,
+        "attention": loaded_attention(model_dir) if args.side == "plain" else args.ours_attention,
         "gradient_checkpointing": args.side == "ours-checkpointed",
         "max_batch_tokens": args.max_batch_tokens if args.side == "ours-micro-batches" else 0,
     }
@@ -184,6 +184,15 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
     prompt = load_file(Path(config.run.output_dir) / "last" / "adapter_model.safetensors")["prompt_embeddings"]
     automatic = json.loads((Path(config.run.output_dir) / "train_config.json").read_text())["automatic"]
     return {"prompt": prompt, "train_seconds": summary["train_seconds"], "automatic": automatic}
+
+
+def loaded_attention(model_dir: str) -> str:
+    """The attention kernel transformers gives the model (what train.py ran before --attention
+    auto): the `plain` side keeps it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).config._attn_implementation
 
 
 @torch.no_grad()
@@ -339,8 +348,8 @@ def main() -> None:
                         help="find the largest batch each side trains on (the longest rows) instead of timing an epoch")
     parser.add_argument("--batch-limit", type=int, default=1024, help="--largest-batch stops doubling here")
     parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="the sides to run (default: all)")
-    parser.add_argument("--ours-attention", choices=["eager", "sdpa"], default="eager",
-                        help="ours runs BLOOM's attention through scaled_dot_product_attention (--attention sdpa)")
+    parser.add_argument("--ours-attention", choices=["auto", "eager", "sdpa"], default="auto",
+                        help="ours' --attention (sdpa: BLOOM's too, through scaled_dot_product_attention)")
     parser.add_argument("--side", choices=SIDES, help="run one side and print its JSON (used internally)")
     parser.add_argument("--seed", type=int, default=0, help="the seed of one --side run (used internally)")
     parser.add_argument("--note", help="a sentence added to the report, e.g. how loaded the machine was")
@@ -353,7 +362,7 @@ def main() -> None:
     command = " ".join(["python", "benchmarks/bench_train.py"] + sys.argv[1:])
     name = Path(args.model).name if args.model else args.arch
     name += f"-{args.precision}" + ("-weights" if args.ours_model_dtype else "")
-    name += "-sdpa" if args.ours_attention == "sdpa" else ""
+    name += f"-{args.ours_attention}" if args.ours_attention != "auto" else ""
     name += f"-b{args.batch_size}" if args.batch_size != 8 else ""
     with tempfile.TemporaryDirectory(prefix="bench-model-") as scratch:
         model_arguments = ["--model", args.model or build_model(args.arch, args.tokenizer, scratch)]
@@ -472,8 +481,9 @@ def side_notes(args, runs: dict[str, list[dict]]) -> str:
     resolved = ", ".join(f"--{name.replace('_', '-')} auto = {value}" for name, value in automatic.items())
     notes = {
         "defaults": f"train.py given only the tutorial's settings (length-grouped batches; here {resolved})",
-        "plain": "every lever off (plain shuffle, whole batches, fp32 weights: the defaults before they were made fast)",
-        "ours": f"length-grouped batches, whole, with {args.precision if args.ours_model_dtype else 'fp32'} weights",
+        "plain": "every lever off (plain shuffle, whole batches, fp32 weights, the model's own attention kernel: the defaults before they were made fast)",
+        "ours": f"length-grouped batches, whole, with {args.precision if args.ours_model_dtype else 'fp32'} weights"
+                + (f", --attention {args.ours_attention}" if args.ours_attention != "auto" else ""),
         "ours-micro-batches": f"`ours` with `--max-batch-tokens {args.max_batch_tokens}`",
         "ours-checkpointed": "`ours` with `--gradient-checkpointing`",
     }

@@ -53,9 +53,11 @@ class ModelConfig:
     )
     device: str = field(default="auto", metadata={"help": "auto = cuda, then mps, then cpu", "choices": DEVICES})
     attention: str = field(
-        default="eager",
-        metadata={"help": "BLOOM only: sdpa runs its ALiBi attention through scaled_dot_product_attention (equal to round-off)",
-                  "choices": ("eager", "sdpa")},
+        default=AUTO,
+        metadata={"help": "the frozen model's attention kernel: eager, or sdpa (scaled_dot_product_attention; BLOOM's "
+                          "through bloom_sdpa.py, equal to round-off); auto: eager on CPU under bf16/fp16, whose SDPA "
+                          "backward is slower there, otherwise the kernel the model loads with",
+                  "choices": (AUTO, "eager", "sdpa")},
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute the frozen model's activations in the backward: less memory for long rows, more time"}

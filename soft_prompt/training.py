@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .analysis import prompt_drift
 from .checkpoint import check_output_folder, json_bytes, load_checkpoint, save_checkpoint, write_atomic
-from .config import TrainConfig, resolve_automatic
+from .config import AUTO, TrainConfig, resolve_automatic
 from .data import (
     IGNORE_INDEX,
     Example,
@@ -91,17 +91,36 @@ def prepare_demo(output_dir: Path, model: str, data: str | None) -> tuple[str, s
     return model, data
 
 
-def apply_speed_options(base_model, model_cfg) -> None:
-    """--attention sdpa (BLOOM), --gradient-checkpointing and --compile on the frozen model."""
-    if model_cfg.attention == "sdpa" and use_sdpa_attention(base_model) == 0:
-        raise ValueError(
-            f"--attention sdpa is for BLOOM; {type(base_model).__name__} picks its own attention kernel: drop the flag"
-        )
+def apply_speed_options(base_model, model_cfg) -> dict:
+    """--attention, --gradient-checkpointing and --compile on the frozen model. Returns
+    {"attention": kernel} when --attention was auto, for train_config.json's "automatic"."""
+    attention = set_attention(base_model, model_cfg.attention, model_cfg.device, model_cfg.precision)
     if model_cfg.gradient_checkpointing:
         # Non-reentrant checkpointing: the frozen weights need no grad, only the prompt's path does.
         base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if model_cfg.compile:
         base_model.get_decoder().compile(dynamic=True)  # both loss() and forward() run through the decoder
+    return {"attention": attention} if model_cfg.attention == AUTO else {}
+
+
+def set_attention(base_model, attention: str, device_type: str, precision: str) -> str:
+    """Run the frozen model's attention with `attention` (eager or sdpa) and return it. auto is
+    eager on CPU under bf16/fp16 autocast, where SDPA's CPU kernel made a SmolLM2 epoch 30% slower
+    (its backward; benchmarks/README.md), and otherwise the kernel the model loaded with
+    (transformers' choice: SDPA where the model has it, eager for BLOOM)."""
+    loaded = base_model.config._attn_implementation
+    if attention == AUTO:
+        attention = "eager" if device_type == "cpu" and precision != "fp32" else loaded
+    if attention == "sdpa" and use_sdpa_attention(base_model):  # BLOOM: its transformers code has no SDPA
+        return attention
+    if attention != loaded:
+        try:
+            base_model.set_attn_implementation(attention)
+        except (ValueError, ImportError) as error:
+            reason = str(error).strip().splitlines()[0]
+            raise ValueError(f"--attention {attention}: {type(base_model).__name__} cannot run it ({reason}); "
+                             "pass --attention auto") from None
+    return attention
 
 
 def load_data_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -478,7 +497,7 @@ def train(config: TrainConfig) -> dict:
     model_cfg, prompt_cfg, data_cfg, optim, run = config.model, config.prompt, config.data, config.optim, config.run
     world, device = init_world(pick_device(model_cfg.device))
     model_cfg.device = device.type
-    automatic = resolve_automatic(config, device.type)  # --model-dtype and --max-batch-tokens left at auto
+    automatic = resolve_automatic(config, device.type)  # --model-dtype, --max-batch-tokens; --attention below
     if model_cfg.fsdp and world.size == 1:
         raise ValueError("--fsdp shards the frozen model across torchrun's processes: start it with "
                          "torchrun --nproc_per_node=N (N >= 2), or drop --fsdp")
@@ -492,7 +511,7 @@ def train(config: TrainConfig) -> dict:
     # --fsdp: the whole model sits only in host memory; fully_shard moves each rank's shards to its GPU.
     load_device = torch.device("cpu") if model_cfg.fsdp else device
     base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, load_device)
-    apply_speed_options(base_model, model_cfg)
+    automatic |= apply_speed_options(base_model, model_cfg)
     train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
 
     # The prompt reads embedding rows (text and vocab init) before any weight is sharded.

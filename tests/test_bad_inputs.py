@@ -148,7 +148,6 @@ TRAIN_ROWS = [
     pytest.param(["--device", "cuda"], None, 2, "--device cuda, but torch sees no CUDA device", marks=NEEDS_NO_CUDA),
     (["--output-dir", "@a-file"], None, 2, "a-file is a file, not a folder"),
     (["--output-dir", "@a-file/run"], None, 2, "a-file is a file, not a folder"),
-    (["--attention", "sdpa", "--model", "@GPT2"], None, 2, "--attention sdpa is for BLOOM"),
     (["--model", "@GPT2", "--data", "@long.jsonl"], None, 2,
      "rows of up to 256 tokens after 4 virtual tokens exceed the model's context of 256 positions: pass --max-length 252"),
     # resume: the folder and its state

@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from soft_prompt import SoftPromptModel
-from soft_prompt.training import apply_speed_options
+from soft_prompt.training import apply_speed_options, set_attention
 from tests.conftest import load
 
 TEXTS = ["the cat is lovely", "our team made me smile and helps everyone"]
 
 
-def loss_and_grad(model_dir, **options):
+def loss_and_grad(model_dir, training=True, **options):
     base, tokenizer = load(model_dir)
-    apply_speed_options(base, SimpleNamespace(**{"attention": "eager", "gradient_checkpointing": False, "compile": False, **options}))
-    model = SoftPromptModel(base, num_virtual_tokens=3, seed=0).train()
+    defaults = {"attention": "auto", "device": "cpu", "precision": "fp32", "gradient_checkpointing": False, "compile": False}
+    apply_speed_options(base, SimpleNamespace(**{**defaults, **options}))
+    model = SoftPromptModel(base, num_virtual_tokens=3, seed=0).train(training)
     inputs = tokenizer(TEXTS, return_tensors="pt", padding=True)
     loss = model.loss(**inputs)
     loss.backward()
@@ -32,8 +33,41 @@ def test_same_loss_and_gradient(bloom_dir, options):
     torch.testing.assert_close(fast_grad, grad, rtol=1e-4, atol=1e-7)
 
 
-def test_sdpa_on_a_model_that_is_not_bloom_is_refused(model_dir):
+def test_eager_and_sdpa_attention_give_the_same_loss_and_gradient(model_dir):
+    # In eval mode: GPT-2's attention dropout draws differently in the two kernels.
+    eager_loss, eager_grad, eager_base = loss_and_grad(model_dir, training=False, attention="eager")
+    sdpa_loss, sdpa_grad, sdpa_base = loss_and_grad(model_dir, training=False, attention="sdpa")
+    assert eager_base.config._attn_implementation == "eager"
+    if "bloom" not in model_dir:  # BLOOM's SDPA replaces its attention's forward (bloom_sdpa.py)
+        assert sdpa_base.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(sdpa_loss, eager_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sdpa_grad, eager_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("device, precision, expected", [
+    ("cpu", "bf16", "eager"), ("cpu", "fp16", "eager"), ("cpu", "fp32", None), ("cuda", "bf16", None),
+])
+def test_auto_attention_is_eager_on_cpu_at_16_bits_else_the_models_own(model_dir, device, precision, expected):
+    base, _ = load(model_dir)
+    loaded = base.config._attn_implementation  # sdpa for GPT-2 and Llama, eager for BLOOM
+    assert set_attention(base, "auto", device, precision) == (expected or loaded)
+    assert base.config._attn_implementation == (expected or loaded)
+    recorded = apply_speed_options(load(model_dir)[0], SimpleNamespace(
+        attention="auto", device=device, precision=precision, gradient_checkpointing=False, compile=False))
+    assert recorded == {"attention": expected or loaded}
+
+
+def test_a_kernel_the_model_cannot_run_is_one_line(model_dir, monkeypatch):
+    base, _ = load(model_dir)
+
+    def refuse(implementation):
+        raise ValueError(f"{implementation} is not supported\nsee the docs")
+
+    monkeypatch.setattr(base, "set_attn_implementation", refuse)
+    kernel = "sdpa" if base.config._attn_implementation == "eager" else "eager"
     if "bloom" in model_dir:
-        pytest.skip("BLOOM takes it")
-    with pytest.raises(ValueError, match="--attention sdpa is for BLOOM"):
-        loss_and_grad(model_dir, attention="sdpa")
+        kernel = "eager"
+        monkeypatch.setattr(base.config, "_attn_implementation", "sdpa")
+    with pytest.raises(ValueError, match=f"^--attention {kernel}: .* cannot run it \\({kernel} is not supported\\); "
+                                         "pass --attention auto$"):
+        set_attention(base, kernel, "cpu", "fp32")

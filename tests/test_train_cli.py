@@ -51,7 +51,7 @@ def test_cli_trains_and_writes_the_run_folder(tmp_path):
     assert config["optim"]["lr"] == 3e-2 and config["optim"]["batch_size"] == 4
     assert config["data"]["label_words"] == ["hate speech", "no hate speech"]  # the last field's values
     assert config["model"]["device"] == "cpu"
-    assert config["automatic"] == {"model_dtype": "fp32", "max_batch_tokens": 512}  # resolved on this CPU
+    assert config["automatic"] == {"model_dtype": "fp32", "max_batch_tokens": 512, "attention": "eager"}  # on this CPU
     assert (config["model"]["model_dtype"], config["optim"]["max_batch_tokens"], config["data"]["group_by_length"]) == ("fp32", 512, True)
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)

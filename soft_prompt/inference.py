@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .checkpoint import METADATA_NAME, CheckpointError, check_output_folder, read_json, write_atomic
 from .data import check_label_words, read_json_lines, read_lines, template_fields
-from .model import DEFAULT_PROMPT, DTYPES, SoftPromptModel, load_base_model, pick_device
+from .model import DEFAULT_PROMPT, DTYPES, SoftPromptModel, limit_kernel_cache, load_base_model, pick_device
 from .scoring import label_sequences, truncate_left
 
 
@@ -348,6 +348,7 @@ def generation_options(options: argparse.Namespace) -> dict:
 
 def run(options: argparse.Namespace) -> None:
     """What `infer.py` does (see its --help)."""
+    limit_kernel_cache()
     check_options(options)
     classifying = options.classify or options.eval is not None
     for path, flag in ((options.output, "--output"), (options.metrics if options.eval else None, "--metrics")):

@@ -48,7 +48,7 @@ from .data import (
 )
 from .bloom_sdpa import use_sdpa_attention
 from .distributed import World, init_world, shard_frozen_model
-from .model import DTYPES, SoftPromptModel, load_base_model, pick_device
+from .model import DTYPES, SoftPromptModel, limit_kernel_cache, load_base_model, pick_device
 from .training_state import (
     TrainState,
     find_resume_dir,
@@ -494,6 +494,7 @@ def train(config: TrainConfig) -> dict:
     share; rank 0 alone writes the run folder and prints.
     """
     started = time.perf_counter()
+    limit_kernel_cache()
     model_cfg, prompt_cfg, data_cfg, optim, run = config.model, config.prompt, config.data, config.optim, config.run
     world, device = init_world(pick_device(model_cfg.device))
     model_cfg.device = device.type

@@ -125,3 +125,12 @@ def test_precision_defaults_to_the_one_the_checkpoint_was_trained_with(recorded,
     (trained / "soft_prompt.json").write_text(json.dumps({**metadata, **recorded}))
     model = load_model(bloom_dir, str(trained), flag)
     assert model.base_model.dtype == expected and model.prompt.weight.dtype == torch.float32
+
+
+def test_inference_caps_onednn_kernel_cache_unless_the_environment_sets_it(bloom_dir, checkpoint, monkeypatch):
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert infer.main(["--model", bloom_dir, "--checkpoint", checkpoint, "--input", "the cat", "--max-new-tokens", "2"]) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    assert infer.main(["--model", bloom_dir, "--checkpoint", checkpoint, "--input", "the cat", "--max-new-tokens", "2"]) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"

@@ -286,3 +286,13 @@ def test_group_by_length_can_be_turned_off_and_batch_tokens_must_be_auto_or_a_nu
     ]
     with pytest.raises(ValueError, match="--max-batch-tokens must not be negative, got -1"):
         resolve_config(parse_args(["--data", "d.jsonl", "--template", HATE, "--max-batch-tokens", "-1"]))
+
+
+@pytest.mark.parametrize("preset", [None, "7"])
+def test_training_caps_onednn_kernel_cache_unless_the_environment_sets_it(bloom_dir, jsonl, tmp_path, monkeypatch, preset):
+    if preset is None:
+        monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", preset)
+    assert train.main(args(bloom_dir, jsonl, tmp_path, "--max-steps", "1")) == 0
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == (preset or "32")

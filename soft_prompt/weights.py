@@ -1,4 +1,4 @@
-"""A base model's safetensors read into another dtype a chunk at a time.
+"""A base model's safetensors (a local folder or a hub id) read into another dtype a chunk at a time.
 
 `from_pretrained(dtype=bf16)` on fp32 files maps each file into memory and converts from the
 mapping: every page it reads stays in the process's memory until the load ends, so loading peaks
@@ -23,17 +23,30 @@ SAFETENSORS_DTYPES = {
 CHUNK_BYTES = 64 << 20
 
 
-def safetensors_files(folder: str | Path) -> list[Path]:
-    """The folder's weight files as from_pretrained finds them: `model.safetensors`, else the shards
+def safetensors_files(name: str | Path) -> list[Path]:
+    """The weight files of `name`, a folder or a hub id (downloaded to the hub cache, as
+    from_pretrained would), found as from_pretrained finds them: `model.safetensors`, else the shards
     named by `model.safetensors.index.json`; [] when there are none (e.g. only .bin files)."""
-    folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def find(filename: str) -> Path | None:
+        if Path(name).is_dir():
+            path = Path(name) / filename
+            return path if path.is_file() else None
+        try:
+            return Path(hf_hub_download(str(name), filename))
+        except EntryNotFoundError:  # not in the repo, or (offline) not in the cache
+            return None
+
+    single = find("model.safetensors")
+    if single is not None:
+        return [single]
+    index = find("model.safetensors.index.json")
+    if index is None:
         return []
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return [folder / shard for shard in shards]
+    shards = [find(shard) for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [] if None in shards else shards
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -69,18 +82,19 @@ def read_converted(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_converted(folder: str, dtype: torch.dtype):
-    """The causal LM in `folder` with its floating-point weights in `dtype`, read by `read_converted`;
-    None where from_pretrained's own loading should be used instead: no safetensors files, nothing
-    to convert (a mapped file of the right dtype costs no copy), a dtype not read here, a model class
-    outside transformers' causal-LM table, quantized weights, or modules the class keeps in fp32."""
+def load_converted(name: str, dtype: torch.dtype):
+    """The causal LM `name` (a folder or a hub id) with its floating-point weights in `dtype`, read
+    by `read_converted`; None where from_pretrained's own loading should be used instead: no
+    safetensors files, nothing to convert (a mapped file of the right dtype costs no copy), a dtype
+    not read here, a model class outside transformers' causal-LM table, quantized weights, or
+    modules the class keeps in fp32."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, GenerationConfig
 
-    files = safetensors_files(folder) if Path(folder).is_dir() else []
+    files = safetensors_files(name)
     stored = {SAFETENSORS_DTYPES.get(entry["dtype"]) for path in files for entry in read_header(path)[0].values()}
     if None in stored or not any(d.is_floating_point and d != dtype for d in stored):
         return None
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(name)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or getattr(config, "quantization_config", None):
         return None
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
@@ -89,10 +103,11 @@ def load_converted(folder: str, dtype: torch.dtype):
     state_dict = {}
     for path in files:
         state_dict.update(read_converted(path, dtype))
-    generation_config = None
-    if (Path(folder) / "generation_config.json").is_file():
-        generation_config = GenerationConfig.from_pretrained(folder)
+    try:
+        generation_config = GenerationConfig.from_pretrained(name)
+    except OSError:  # none saved: from_pretrained derives one from the config, as it does then
+        generation_config = None
     model = model_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=dtype,
                                         generation_config=generation_config)
-    model.config.name_or_path = folder  # from_pretrained(None) leaves it empty; checkpoints record it
+    model.config.name_or_path = name  # from_pretrained(None) leaves it empty; checkpoints record it
     return model

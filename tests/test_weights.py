@@ -90,3 +90,22 @@ def test_classes_that_keep_modules_in_fp32_are_left_to_from_pretrained(tmp_path,
     model.save_pretrained(tmp_path)
     monkeypatch.setattr(type(model), "_keep_in_fp32_modules", ["lm_head"])
     assert weights.load_converted(str(tmp_path), torch.float16) is None
+
+
+def test_a_hub_id_is_read_from_the_hub_cache_the_same_way(tmp_path, bloom_dir, monkeypatch):
+    import huggingface_hub.constants
+
+    # The hub cache's layout: refs/main names the snapshot folder that holds the repo's files.
+    repo = tmp_path / "hub" / "models--someone--tiny-bloom"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(bloom_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # offline (conftest)
+    assert weights.safetensors_files("someone/tiny-bloom") == [repo / "snapshots" / commit / "model.safetensors"]
+    assert weights.safetensors_files("someone/not-cached") == []  # left to from_pretrained's own error
+    assert weights.load_converted("someone/tiny-bloom", torch.bfloat16) is not None
+    model, _ = load_base_model("someone/tiny-bloom", "bf16")
+    reference = AutoModelForCausalLM.from_pretrained("someone/tiny-bloom", dtype=torch.bfloat16).eval()
+    assert_same_model(model, reference)
+    assert model.config.name_or_path == "someone/tiny-bloom"

@@ -93,14 +93,16 @@ def prepare_demo(output_dir: Path, model: str, data: str | None) -> tuple[str, s
 
 def apply_speed_options(base_model, model_cfg) -> dict:
     """--attention, --gradient-checkpointing and --compile on the frozen model. Returns
-    {"attention": kernel} when --attention was auto, for train_config.json's "automatic"."""
-    attention = set_attention(base_model, model_cfg.attention, model_cfg.device, model_cfg.precision)
+    {"attention": kernel} when --attention was auto, for train_config.json's "automatic", and
+    writes the kernel into `model_cfg` like the other resolved fields."""
+    attention_was_auto = model_cfg.attention == AUTO
+    model_cfg.attention = set_attention(base_model, model_cfg.attention, model_cfg.device, model_cfg.precision)
     if model_cfg.gradient_checkpointing:
         # Non-reentrant checkpointing: the frozen weights need no grad, only the prompt's path does.
         base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if model_cfg.compile:
         base_model.get_decoder().compile(dynamic=True)  # both loss() and forward() run through the decoder
-    return {"attention": attention} if model_cfg.attention == AUTO else {}
+    return {"attention": model_cfg.attention} if attention_was_auto else {}
 
 
 def set_attention(base_model, attention: str, device_type: str, precision: str) -> str:

@@ -53,6 +53,7 @@ def test_cli_trains_and_writes_the_run_folder(tmp_path):
     assert config["model"]["device"] == "cpu"
     assert config["automatic"] == {"model_dtype": "fp32", "max_batch_tokens": 512, "attention": "eager"}  # on this CPU
     assert (config["model"]["model_dtype"], config["optim"]["max_batch_tokens"], config["data"]["group_by_length"]) == ("fp32", 512, True)
+    assert config["model"]["attention"] == "eager"  # auto, resolved like the fields above
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     best = SoftPromptModel.from_pretrained(base, run / "best")

@@ -156,9 +156,10 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
     """The shipped loop (`soft_prompt.training.train`). `defaults` is given only the tutorial's own
     settings (what a new user types), so it runs whatever train.py chooses by default; `plain` turns
     every lever off (the plain shuffle, whole batches, fp32 weights, the attention kernel the model
-    loads with: the defaults before they were made fast). The other sides set each lever: `ours` length-grouped batches, whole, with fp32
-    weights (bf16/fp16 with --ours-model-dtype); `ours-micro-batches` adds `--max-batch-tokens` and `ours-checkpointed`
-    gradient checkpointing (each trades time for activation memory in its own way)."""
+    loads with: the defaults before they were made fast). The other sides set each lever: `ours`
+    length-grouped batches, whole, with fp32 weights (bf16/fp16 with --ours-model-dtype);
+    `ours-micro-batches` adds `--max-batch-tokens` and `ours-checkpointed` gradient checkpointing
+    (each trades time for activation memory in its own way)."""
     from safetensors.torch import load_file
 
     from soft_prompt.config import resolve_config
@@ -175,7 +176,8 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
     levers = {
         "model_dtype": args.precision if args.ours_model_dtype and args.side != "plain" else "fp32",
         "group_by_length": args.side != "plain",
-        "attention": loaded_attention(model_dir) if args.side == "plain" else args.ours_attention,
+        # plain: the kernel transformers gives the model (what train.py ran before --attention auto)
+        "attention": meta_model(model_dir).config._attn_implementation if args.side == "plain" else args.ours_attention,
         "gradient_checkpointing": args.side == "ours-checkpointed",
         "max_batch_tokens": args.max_batch_tokens if args.side == "ours-micro-batches" else 0,
     }
@@ -184,15 +186,6 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
     prompt = load_file(Path(config.run.output_dir) / "last" / "adapter_model.safetensors")["prompt_embeddings"]
     automatic = json.loads((Path(config.run.output_dir) / "train_config.json").read_text())["automatic"]
     return {"prompt": prompt, "train_seconds": summary["train_seconds"], "automatic": automatic}
-
-
-def loaded_attention(model_dir: str) -> str:
-    """The attention kernel transformers gives the model (what train.py ran before --attention
-    auto): the `plain` side keeps it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).config._attn_implementation
 
 
 @torch.no_grad()
@@ -291,13 +284,17 @@ def largest_batch(args) -> list[dict]:
     return tried
 
 
-def num_parameters(model_dir: str) -> int:
-    """The model's parameter count (a tied LM head counted once), from its config alone."""
+def meta_model(model_dir: str):
+    """The model built from its config alone on the meta device: no weights, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return sum(parameter.numel() for parameter in model.parameters())
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+
+
+def num_parameters(model_dir: str) -> int:
+    """The model's parameter count (a tied LM head counted once), from its config alone."""
+    return sum(parameter.numel() for parameter in meta_model(model_dir).parameters())
 
 
 def build_model(arch: str, tokenizer_dir: str | None, directory: str) -> str:

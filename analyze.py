@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--plot", help="write PNGs into this folder")
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--device", default="auto", help="auto (default): cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps")
     return parser.parse_args(argv)
 
 

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                         help="dtype of the frozen model (default: the checkpoint's training precision, else fp32)")
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--device", default="auto", help="auto (default): cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps")
     parser.add_argument("--strict", action="store_true", help="refuse a checkpoint recorded for another base model")
     parser.add_argument("--compare-base", action="store_true", help="also show the base model's output without the prompt")
     parser.add_argument("--seed", type=int, help="seed for sampling")
@@ -63,12 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    from soft_prompt.checkpoint import CheckpointError
-    from soft_prompt.inference import InferenceError, run
+    from soft_prompt.inference import run
 
     try:
         run(options)
-    except (CheckpointError, InferenceError) as error:
+    except ValueError as error:  # InferenceError and CheckpointError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -36,7 +36,7 @@ import torch
 
 from soft_prompt import SoftPromptModel
 from soft_prompt.config import TASKS
-from soft_prompt.model import load_base_model
+from soft_prompt.runtime import load_base_model
 
 RESULTS = Path(__file__).parent / "results"
 TEMPLATE = TASKS["hate"]["template"]
@@ -201,8 +201,8 @@ def many_prompts_side(args) -> dict:
         return row_names, batches
 
     def run(row_names, batches):
-        if hasattr(model, "_prompt_kv") and not args.keep_prompt_cache:
-            model._prompt_kv.clear()  # every prompt's cache is computed in each timed run
+        if hasattr(model, "prompt_cache") and not args.keep_prompt_cache:
+            model.prompt_cache.clear()  # every prompt's cache is computed in each timed run
         new_tokens = [None] * len(inputs)
         for rows, name in batches:
             batch = torch.tensor([inputs[row] for row in rows])
@@ -224,10 +224,7 @@ def many_prompts_side(args) -> dict:
                 seconds[num_prompts].append(run_seconds)
     if args.interleave:
         return {"side": args.side, "interleaved_seconds": {k: min(v) for k, v in seconds.items()}, "all_seconds": seconds}
-    cache_bytes = 0
-    if hasattr(model, "_prompt_kv"):  # the prompts' cached keys and values (ours)
-        cache_bytes = sum(t.numel() * t.element_size() for _, cache in model._prompt_kv.values()
-                          for layer in cache.layers for t in (layer.keys, layer.values))
+    cache_bytes = model.prompt_cache.size() if hasattr(model, "prompt_cache") else 0  # the prompts' keys and values (ours)
     (_, batches), seconds = plans[args.num_prompts], seconds[args.num_prompts]
     return {"side": args.side, "num_prompts": args.num_prompts, "seconds": min(seconds), "all_seconds": seconds,
             "batches": len(batches), "peak_memory_mib": memory.peak / 2**20, "rise_mib": memory.extra / 2**20,

@@ -82,7 +82,7 @@ def load_rows(path: str | None, num_rows: int, longest: bool = False) -> tuple[l
             rows = [json.loads(line) for line in f if line.strip()]
         template = HATE_TEMPLATE if "text" in rows[0] else PROMPTS_TEMPLATE
     if longest:
-        from soft_prompt.data import fill_template
+        from soft_prompt.templates import fill_template
 
         rows = sorted(rows, key=lambda row: -len(fill_template(template, row)))
         rows = (rows[:num_rows] * num_rows)[:num_rows]
@@ -91,7 +91,7 @@ def load_rows(path: str | None, num_rows: int, longest: bool = False) -> tuple[l
 
 def tokenised_rows(tokenizer, rows: list[dict], template: str, max_length: int) -> list[list[int]]:
     """The tutorial's preprocessing: the filled template, tokenised, truncated (eos appended)."""
-    from soft_prompt.data import fill_template
+    from soft_prompt.templates import fill_template
 
     ids = [tokenizer(fill_template(template, row), truncation=True, max_length=max_length - 1)["input_ids"] for row in rows]
     return [row_ids + [tokenizer.eos_token_id] for row_ids in ids]
@@ -193,7 +193,7 @@ def final_loss(model_dir: str, prompt: torch.Tensor, tokenizer, token_rows: list
     """The trained prompt's loss per token over all the training rows, the same way for every side
     (the frozen model's own loss, fp32, eval mode): what each side's training reached."""
     from soft_prompt import SoftPromptModel
-    from soft_prompt.model import load_base_model
+    from soft_prompt.runtime import load_base_model
     from soft_prompt.data import Example, collate
 
     model = SoftPromptModel(load_base_model(model_dir)[0], num_virtual_tokens=prompt.shape[0], seed=0)
@@ -297,7 +297,7 @@ def num_parameters(model_dir: str) -> int:
     return sum(parameter.numel() for parameter in meta_model(model_dir).parameters())
 
 
-def build_model(arch: str, tokenizer_dir: str | None, directory: str) -> str:
+def save_random_model(arch: str, tokenizer_dir: str | None, directory: str) -> str:
     """A model folder for `--arch`: a tiny BLOOM, or bloomz-560m's architecture (24 layers, width
     1024, 16 heads, a 250,880-token vocabulary) with random weights and `tokenizer_dir`'s tokenizer
     (the tiny one when none; its ids all fall in the vocabulary)."""
@@ -362,7 +362,7 @@ def main() -> None:
     name += f"-{args.ours_attention}" if args.ours_attention != "auto" else ""
     name += f"-b{args.batch_size}" if args.batch_size != 8 else ""
     with tempfile.TemporaryDirectory(prefix="bench-model-") as scratch:
-        model_arguments = ["--model", args.model or build_model(args.arch, args.tokenizer, scratch)]
+        model_arguments = ["--model", args.model or save_random_model(args.arch, args.tokenizer, scratch)]
         if args.largest_batch:
             write_largest_batch_report(args, name, largest_batches(args, model_arguments), command)
             return

@@ -44,7 +44,8 @@ from safetensors.torch import load_file  # noqa: E402
 from soft_prompt import SoftPromptModel  # noqa: E402
 from soft_prompt.checkpoint import PROMPT_KEY, WEIGHTS_NAME  # noqa: E402
 from soft_prompt.config import TASKS, resolve_config  # noqa: E402
-from soft_prompt.data import Example, batch_order, collate, fill_template  # noqa: E402
+from soft_prompt.data import batch_order, collate, Example  # noqa: E402
+from soft_prompt.templates import fill_template
 from soft_prompt.embedding import text_init_ids  # noqa: E402
 from soft_prompt.training import load_data_rows, tokenize_data, train  # noqa: E402
 

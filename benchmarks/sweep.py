@@ -4,7 +4,7 @@
 
 Each cell trains with the package's own `train()` on the first `--train-rows` rows, then scores
 the labels of the first `--eval-rows` eval rows with the final prompt (`SoftPromptModel.classify`,
-`inference.evaluate`). A finished cell leaves `DIR/cells/<cell>.json` (written atomically) and is
+`evaluation.label_metrics`). A finished cell leaves `DIR/cells/<cell>.json` (written atomically) and is
 not redone when the sweep is run again: an interrupted grid resumes where it stopped. The tables
 (`sweep.md`, `sweep.json`) and plots (`accuracy_vs_tokens.png`, `loss_curves.png`) are rewritten
 from every finished cell at the end.
@@ -28,11 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from soft_prompt import SoftPromptModel
-from soft_prompt.checkpoint import json_bytes, write_atomic
+from soft_prompt.files import json_bytes, write_atomic
 from soft_prompt.config import HATE_INIT_TEXT, TASKS, OneLineParser, resolve_config
-from soft_prompt.data import label_words_of, load_rows, template_fields
-from soft_prompt.inference import evaluate
-from soft_prompt.model import load_base_model
+from soft_prompt.data import load_rows
+from soft_prompt.templates import label_words_of, template_fields
+from soft_prompt.evaluation import label_metrics
+from soft_prompt.runtime import load_base_model
 from soft_prompt.training import train
 
 
@@ -109,7 +110,7 @@ def run_cell(cell: Cell, options: argparse.Namespace, files: dict[str, Path], la
     base, tokenizer = load_base_model(options.model, device=config.model.device)
     model = SoftPromptModel.from_pretrained(base, run_dir / "last", tokenizer=tokenizer)
     predictions, _ = model.classify(eval_rows, labels, options.template, batch_size=options.batch_size * len(labels))
-    scores = evaluate([row[label_field(options.template)] for row in eval_rows], predictions, labels)
+    scores = label_metrics([row[label_field(options.template)] for row in eval_rows], predictions, labels)
     return {
         **dataclasses.asdict(cell),
         "name": cell.name,
@@ -130,7 +131,7 @@ def base_scores(options: argparse.Namespace, labels: list[str], eval_rows: list[
     predictions, _ = model.classify(
         eval_rows, labels, options.template, batch_size=options.batch_size * len(labels), use_prompt=False
     )
-    scores = evaluate([row[label_field(options.template)] for row in eval_rows], predictions, labels)
+    scores = label_metrics([row[label_field(options.template)] for row in eval_rows], predictions, labels)
     return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
 

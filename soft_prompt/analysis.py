@@ -28,24 +28,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_initial_prompt
-from .data import IGNORE_INDEX, Example, check_template_columns, collate, load_rows, template_fields, tokenize_rows
-from .inference import evaluate, load_model, write_output
-from .model import SoftPromptModel, pick_device
+from .data import Example, check_template_columns, collate, load_rows, tokenize_rows
+from .evaluation import label_metrics, mean_eval_loss, prompt_drift
+from .files import write_output
+from .masks import IGNORE_INDEX
+from .model import SoftPromptModel
+from .runtime import load_prompted_model, pick_device
+from .templates import template_fields
 
 NO_LETTERS = "none"  # a neighbour with no letter: punctuation, digits, spaces
 SPECIAL = "special"  # the tokenizer's special tokens (<|im_end|>, <pad>, ...), whatever letters they hold
 PARTIAL_BYTES = "partial bytes"  # a byte-level token that is part of a multi-byte character
 SCRIPT_NAMES = {"CJK": "Han", "HANGUL": "Hangul"}
-
-
-def prompt_drift(weight: torch.Tensor, initial_weight: torch.Tensor) -> dict[str, float]:
-    """How far the prompt `[V, D]` moved from its initial value: the Frobenius distance and the
-    mean over virtual tokens of the cosine between each token and its initial vector."""
-    weight, initial_weight = weight.detach().float(), initial_weight.detach().float().to(weight.device)
-    return {
-        "prompt_distance": (weight - initial_weight).norm().item(),
-        "prompt_cosine": torch.cosine_similarity(weight, initial_weight, dim=-1).mean().item(),
-    }
 
 
 # -- the prompt against the vocabulary --------------------------------------------------------------
@@ -148,19 +142,16 @@ def scores_on(
     use_prompt: bool = True,
 ) -> dict[str, float]:
     """The mean loss over `examples` and, with `labels`, label-scoring accuracy and macro-F1 over `rows`."""
-    from .training import evaluate as evaluate_loss  # here: training imports this module
-
     pad_token_id = model.tokenizer.pad_token_id
     if use_prompt:
-        loss = evaluate_loss(model, examples, batch_size, contextlib.nullcontext, pad_token_id)
-        model.eval()  # evaluate() leaves the model in train mode, for the training loop
+        loss = mean_eval_loss(model, examples, batch_size, contextlib.nullcontext, pad_token_id)
     else:
         loss = no_prompt_loss(model, examples, batch_size, pad_token_id)
     figures = {"loss": loss}
     if labels:
         template = model.metadata["template"]
         predictions, _ = model.classify(rows, labels, template, batch_size=batch_size * len(labels), use_prompt=use_prompt)
-        result = evaluate([row[template_fields(template)[-1]] for row in rows], predictions, labels)
+        result = label_metrics([row[template_fields(template)[-1]] for row in rows], predictions, labels)
         figures.update(accuracy=result["accuracy"], macro_f1=result["macro_f1"])
     return figures
 
@@ -364,14 +355,13 @@ def run(options: argparse.Namespace) -> dict:
     """What `analyze.py` does (see its --help): analyse, print, and write the JSON and plots."""
     if options.top_k < 1 or options.rows < 1 or options.batch_size < 1:
         raise ValueError("--top-k, --rows and --batch-size must be at least 1")
-    if options.device is not None:
-        pick_device(options.device)  # a device this machine has, before anything is loaded
+    pick_device(options.device)  # a device this machine has, before anything is loaded
     if not Path(options.checkpoint).is_dir():  # before the minutes of loading a model
         raise ValueError(f"checkpoint directory {options.checkpoint} does not exist")
     rows = None
     if options.data:
         rows = load_rows(options.data)[: options.rows]
-    model = load_model(options.model, options.checkpoint, device=options.device)
+    model = load_prompted_model(options.model, options.checkpoint, device=options.device)
     model.eval()
     metrics_file = Path(options.checkpoint).parent / "metrics.jsonl"
     figures = analyze(

@@ -22,6 +22,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from .files import json_bytes
+
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT checkpoints (pickle; loaded weights_only)
 CONFIG_NAME = "adapter_config.json"
@@ -40,34 +42,6 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's fp32 bytes: detects a prompt file that does not match its metadata."""
     data = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file through a temporary sibling, fsync and rename: readers see old or new, whole."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def check_output_folder(directory: str | os.PathLike, what: str) -> None:
-    """Refuse, before any work and creating nothing, a folder that cannot be written: a file
-    where it or a parent folder would be, or no permission to write where it would be created.
-    `what` starts the one-line ValueError, e.g. "--output-dir runs/x"."""
-    existing = Path(directory)
-    while not existing.exists():  # ends at "." or "/" at the latest
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{what}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{what}: no permission to write in {existing}")
 
 
 def write_directory_atomic(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
@@ -164,10 +138,6 @@ def load_initial_prompt(directory: str | os.PathLike) -> torch.Tensor | None:
         return load_file(path)[PROMPT_KEY].to(torch.float32)
     except (SafetensorError, OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"{path} is truncated or corrupt ({error})") from None
-
-
-def json_bytes(obj: dict) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def read_json(path: Path) -> dict:

@@ -13,13 +13,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .data import check_label_words, template_fields
+from .templates import check_label_words, template_fields
 from .embedding import INIT_STRATEGIES, TEXT_FILLS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTO = "auto"  # a field left to be chosen from the device and --precision (`resolve_automatic`)
-# --max-batch-tokens auto on CPU: measured on SmolLM2-135M and bloomz-560m's size (benchmarks/README.md),
-# micro-batches of 512 padded tokens take no more time than whole batches and about half the memory.
+# --max-batch-tokens auto on CPU: micro-batches of 512 padded tokens take no more time than whole
+# batches and less memory (measured in benchmarks/README.md).
 CPU_MAX_BATCH_TOKENS = 512
 SCHEDULERS = ("linear", "cosine", "constant")
 LOSS_SCOPES = ("all", "completion")

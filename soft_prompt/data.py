@@ -1,8 +1,4 @@
-"""Data: templates, loading, tokenisation and batching.
-
-A template is plain text with `{column}` placeholders, e.g. "Sentence : {text} Label : {label_text}".
-Its last placeholder starts the *completion* (the label words above): what `--loss-on completion`
-trains on and what classification scores.
+"""Data: loading rows, tokenising them through a template (`templates.py`), and batching.
 
 A row becomes `prompt ids + completion ids + eos` (cut to `max_length`), its labels the same ids
 with -100 where no loss is taken; batches are padded on the right to their own longest row.
@@ -13,60 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-IGNORE_INDEX = -100
+from .masks import IGNORE_INDEX, right_padded
+from .templates import split_template, template_fields
+
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # Length grouping sorts rows within windows of this many batches, so the order stays random.
 GROUP_WINDOW_BATCHES = 50
-# A last field with at most this many distinct values is taken to hold label words.
-MAX_LABEL_WORDS = 20
-
-
-def template_fields(template: str) -> list[str]:
-    """The column names a template uses, in order; only plain `{name}` placeholders are allowed."""
-    fields = []
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as error:
-        raise ValueError(f"template {template!r} is malformed ({error}); write fields as {{column}}") from None
-    for _, name, format_spec, conversion in parsed:
-        if name is None:
-            continue
-        if not name.isidentifier() or format_spec or conversion:
-            raise ValueError(
-                f"template field {{{name}{'!' + conversion if conversion else ''}"
-                f"{':' + format_spec if format_spec else ''}}} is not a plain column name: write {{column}}"
-            )
-        fields.append(name)
-    if not fields:
-        raise ValueError(f"template {template!r} has no {{column}} field")
-    return fields
-
-
-def fill_template(template: str, row: dict) -> str:
-    """The template (or a piece of it, which may hold no field) with each `{column}` filled."""
-    names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    return template.format(**{name: row[name] for name in names})
-
-
-def split_template(template: str, row: dict) -> tuple[str, str]:
-    """(prompt, completion): the filled text split where the last field starts.
-
-    Whitespace before the split goes to the completion ("... Label :", " hate speech"), so the
-    prompt tokenises the same alone as inside the full text (BPE merges a space with the word after).
-    """
-    last = "{" + template_fields(template)[-1] + "}"
-    head, _, tail = template.rpartition(last)
-    prompt = fill_template(head, row)
-    completion = fill_template(last + tail, row)
-    stripped = prompt.rstrip()
-    return stripped, prompt[len(stripped):] + completion
-
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -229,27 +182,6 @@ def split_validation(rows: list[dict], fraction: float, seed: int) -> tuple[list
     return [row for i, row in enumerate(rows) if i not in held_out], [row for i, row in enumerate(rows) if i in held_out]
 
 
-def label_words_of(template: str, rows: list[dict]) -> list[str] | None:
-    """The distinct values of the template's last field, sorted, when few enough to be labels."""
-    last = template_fields(template)[-1]
-    values = sorted({str(row[last]) for row in rows})
-    return values if 0 < len(values) <= MAX_LABEL_WORDS else None
-
-
-def check_label_words(words: list[str], source: str) -> None:
-    """At least two distinct, non-empty label words (classifying with one always answers it); the
-    usual slip is one argument with commas, `--labels "a,b"`. `source` starts the ValueError."""
-    if len(words) < 2:
-        hint = ""
-        if source.startswith("--") and words and "," in words[0]:
-            hint = f"; one word per argument: {source} " + " ".join(f'"{word.strip()}"' for word in words[0].split(","))
-        raise ValueError(f"{source}: {len(words)} label word {words}, classifying needs at least 2{hint}")
-    if not all(isinstance(word, str) and word.strip() for word in words):
-        raise ValueError(f"{source}: label words must be non-empty text, got {words}")
-    if len(set(words)) < len(words):
-        raise ValueError(f"{source} repeats a label word: {words}")
-
-
 # -- tokenisation -------------------------------------------------------------------------------
 
 
@@ -361,19 +293,6 @@ def split_batch(indices: list[int], lengths: list[int], max_tokens: int, extra_t
     return pieces
 
 
-def right_padded(
-    rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Id lists as a right-padded batch `[B, T]`, T the longest row, and its mask (1 on real ids)."""
-    length = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(rows):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
     """`input_ids`, `attention_mask`, `labels`, each `[B, T]`, T the batch's longest row; padding
     on the right (pad id, mask 0, label -100)."""
@@ -381,8 +300,3 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
     labels, _ = right_padded([example.labels for example in examples], IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids `[B, L]` that count only real positions: padding does not advance them, so a
-    row's tokens sit where they would alone, whatever padding (or shorter prompt) precedes them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -31,7 +31,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from .data import positions_from_mask
+from .masks import positions_from_mask
 
 if TYPE_CHECKING:
     from .model import SoftPromptModel
@@ -101,24 +101,6 @@ def prefix_cache_supported(model: SoftPromptModel) -> bool:
     return full_attention and positions_not_from_slots and not config.is_encoder_decoder
 
 
-def prompt_cache(model: SoftPromptModel, name: str):
-    """The frozen model's cache after prompt `name` alone, at positions 0..V-1, batch 1.
-
-    A prompt's keys and values do not depend on the text after it (causal attention), so they
-    are computed once per prompt and recomputed only when that prompt changes: an in-place update
-    (its version counter), a new tensor or device (its data pointer) or another compute dtype.
-    """
-    weight, base_model = model.prompts[name].weight, model.base_model
-    key = (weight._version, weight.data_ptr(), base_model.dtype)
-    cached = model._prompt_kv.get(name)
-    if cached is None or cached[0] != key:
-        inputs = {"inputs_embeds": weight[None].to(base_model.dtype)}  # [1, V, D]
-        if model.takes_position_ids:
-            inputs["position_ids"] = torch.arange(weight.shape[0], device=weight.device)[None]  # [1, V]
-        cached = model._prompt_kv[name] = (key, base_model(**inputs, use_cache=True)[model.cache_argument])
-    return cached[1]
-
-
 def batch_prompt_cache(model: SoftPromptModel, prompt_names: Sequence[str | None]) -> tuple[DynamicCache, torch.Tensor]:
     """A fresh cache whose row r holds the keys and values of prompt `prompt_names[r]` (None:
     none), gathered from each prompt's cache: `[B, heads, V, d]` in every layer, V the longest
@@ -126,7 +108,11 @@ def batch_prompt_cache(model: SoftPromptModel, prompt_names: Sequence[str | None
     batch_size = len(prompt_names)
     prompt_mask = model.prompt_mask(prompt_names, batch_size)  # [B, V]
     num_virtual = prompt_mask.shape[1]
-    caches = {name: prompt_cache(model, name) for name in dict.fromkeys(prompt_names) if name is not None}
+    caches = {
+        name: model.prompt_cache.get(name, model.prompts[name].weight, model.base_model.dtype)
+        for name in dict.fromkeys(prompt_names)
+        if name is not None
+    }
     if not caches:  # no row has a prompt
         return DynamicCache(), prompt_mask
     layers = []

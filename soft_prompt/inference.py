@@ -11,17 +11,19 @@ import argparse
 import json
 import math
 import re
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import METADATA_NAME, CheckpointError, check_output_folder, read_json, write_atomic
-from .data import check_label_words, read_json_lines, read_lines, template_fields
-from .model import DEFAULT_PROMPT, DTYPES, SoftPromptModel, limit_kernel_cache, load_base_model, pick_device
+from .data import read_json_lines, read_lines
+from .evaluation import label_metrics
+from .files import check_output_folder, write_output
+from .model import DEFAULT_PROMPT, SoftPromptModel
+from .runtime import limit_kernel_cache, load_prompted_model, pick_device
 from .scoring import label_sequences, truncate_left
+from .templates import check_label_words, template_fields
 
 
 class InferenceError(ValueError):
@@ -29,52 +31,6 @@ class InferenceError(ValueError):
 
 
 # -- loading and reading ---------------------------------------------------------------------------
-
-
-def load_model(
-    model_name: str,
-    checkpoints: str | dict[str, str],
-    precision: str | None = None,
-    device: str | None = None,
-    strict: bool = False,
-) -> SoftPromptModel:
-    """The frozen model `model_name` (hub id or folder) with its tokenizer and the checkpoints'
-    prompts: one directory (named "default") or {name: directory}. The active prompt is "default"
-    when there is one, else the first. `precision` defaults to the one the active prompt's
-    checkpoint was trained with.
-
-    A checkpoint recorded for another base model is a warning, or an error with `strict`; one with
-    another embedding size, or missing or corrupt, raises `CheckpointError`.
-    """
-    if isinstance(checkpoints, str):
-        checkpoints = {DEFAULT_PROMPT: checkpoints}
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    (first_name, first_directory), *others = checkpoints.items()
-    precision = precision or trained_precision(checkpoints.get(DEFAULT_PROMPT, first_directory))
-    try:
-        base, tokenizer = load_base_model(model_name, precision, device)
-    except ValueError as error:
-        raise InferenceError(str(error)) from None
-    model = SoftPromptModel.from_pretrained(base, first_directory, tokenizer=tokenizer, name=first_name)
-    for name, directory in others:
-        model.load_prompt(directory, name)
-    for name, checkpoint in checkpoints.items():
-        recorded = model.prompt_metadata[name].get("base_model_name_or_path")
-        if recorded and not same_model_name(recorded, model_name):
-            message = f"checkpoint {checkpoint} was trained on {recorded!r}, not {model_name!r}"
-            if strict:
-                raise CheckpointError(message + " (--strict)")
-            warnings.warn(message + ": its outputs may be meaningless (--strict makes this an error)")
-    model.set_prompt(DEFAULT_PROMPT if DEFAULT_PROMPT in checkpoints else first_name)
-    return model
-
-
-def trained_precision(checkpoint: str) -> str:
-    """The --precision the checkpoint was trained with (its soft_prompt.json), or fp32 when it
-    records none (older checkpoints, PEFT's)."""
-    metadata = Path(checkpoint) / METADATA_NAME
-    recorded = read_json(metadata).get("precision") if metadata.is_file() else None
-    return recorded if recorded in DTYPES else "fp32"
 
 
 def checkpoint_names(values: Sequence[str]) -> dict[str, str]:
@@ -107,11 +63,6 @@ def row_prompt_names(model: SoftPromptModel, rows: list[str | dict]) -> list[str
             )
         names.append(name)
     return names
-
-
-def same_model_name(a: str, b: str) -> bool:
-    """Hub id or local folder of the same name ("org/name" and "/models/name" agree)."""
-    return a == b or Path(a).name.lower() == Path(b).name.lower()
 
 
 def read_inputs(path: str | Path) -> list[str | dict]:
@@ -157,11 +108,10 @@ def check_options(options: argparse.Namespace) -> None:
             check_label_words(options.labels, "--labels")
         except ValueError as error:
             raise InferenceError(str(error)) from None
-    if options.device is not None:
-        try:
-            pick_device(options.device)
-        except ValueError as error:
-            raise InferenceError(str(error)) from None
+    try:
+        pick_device(options.device)
+    except ValueError as error:
+        raise InferenceError(str(error)) from None
     files = [("--input-file", options.input_file), ("--eval", options.eval), ("--output", options.output),
              ("--metrics", options.metrics if options.eval else None)]
     files = [(flag, Path(path).resolve()) for flag, path in files if path]
@@ -179,15 +129,6 @@ def check_output_file(path: str, flag: str) -> None:
         check_output_folder(Path(path).parent, f"{flag} {path}")
     except ValueError as error:
         raise InferenceError(str(error)) from None
-
-
-def write_output(path: str, text: str) -> None:
-    """Write an output file whole (atomically), creating its folder."""
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, text.encode())
-    except OSError as error:
-        raise InferenceError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def check_room(model: SoftPromptModel, max_new_tokens: int) -> None:
@@ -290,30 +231,6 @@ def classify_rows(
 # -- evaluation ------------------------------------------------------------------------------------
 
 
-def evaluate(gold: list[str], predicted: list[str], labels: list[str]) -> dict:
-    """Accuracy, per-label and macro F1 (the unweighted mean over `labels`; a label never gold nor
-    predicted scores 0) and the confusion matrix (rows: gold label, columns: predicted)."""
-    index = {label: i for i, label in enumerate(labels)}
-    confusion = [[0] * len(labels) for _ in labels]
-    for g, p in zip(gold, predicted, strict=True):
-        confusion[index[g]][index[p]] += 1
-    f1 = {}
-    for i, label in enumerate(labels):
-        true_positive = confusion[i][i]
-        false_positive = sum(row[i] for row in confusion) - true_positive
-        false_negative = sum(confusion[i]) - true_positive
-        denominator = 2 * true_positive + false_positive + false_negative
-        f1[label] = 2 * true_positive / denominator if denominator else 0.0
-    return {
-        "count": len(gold),
-        "accuracy": sum(confusion[i][i] for i in range(len(labels))) / len(gold),
-        "macro_f1": sum(f1.values()) / len(labels),
-        "f1": f1,
-        "labels": list(labels),
-        "confusion": confusion,
-    }
-
-
 def format_table(results: dict[str, dict]) -> str:
     """The figures of each model side by side, then each confusion matrix (rows gold, columns predicted)."""
     names = list(results)
@@ -364,7 +281,7 @@ def run(options: argparse.Namespace) -> None:
     if options.seed is not None:
         torch.manual_seed(options.seed)
     checkpoints = checkpoint_names(options.checkpoint)
-    model = load_model(options.model, checkpoints, options.precision, options.device, options.strict)
+    model = load_prompted_model(options.model, checkpoints, options.precision, options.device, options.strict)
     if not classifying:
         check_room(model, options.max_new_tokens)
     if classifying:
@@ -457,10 +374,10 @@ def classify_command(model: SoftPromptModel, rows: list, options: argparse.Names
         rows_of = [i for i, row_name in enumerate(names) if row_name == name]
         gold_of = [gold[i] for i in rows_of]
         if name is None:
-            results["null rows, base (no prompt)"] = evaluate(gold_of, [base[0][i] for i in rows_of], labels)
+            results["null rows, base (no prompt)"] = label_metrics(gold_of, [base[0][i] for i in rows_of], labels)
             continue
         one = len(tasks_by_prompt) == 1
-        results["tuned (soft prompt)" if one else f"{name} (soft prompt)"] = evaluate(gold_of, [predictions[i] for i in rows_of], labels)
-        results["base (no prompt)" if one else f"{name} rows, base (no prompt)"] = evaluate(gold_of, [base[0][i] for i in rows_of], labels)
+        results["tuned (soft prompt)" if one else f"{name} (soft prompt)"] = label_metrics(gold_of, [predictions[i] for i in rows_of], labels)
+        results["base (no prompt)" if one else f"{name} rows, base (no prompt)"] = label_metrics(gold_of, [base[0][i] for i in rows_of], labels)
     write_output(options.metrics, json.dumps(results, indent=2) + "\n")
     return records, format_table(results) + f"\n\nmetrics written to {options.metrics}"

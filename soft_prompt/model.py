@@ -16,74 +16,19 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
+from transformers import DynamicCache
 
 from . import generation, scoring
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import IGNORE_INDEX, positions_from_mask
 from .embedding import SoftPromptEmbedding
 from .loss import frozen_head_cross_entropy
-from .weights import load_converted
+from .masks import IGNORE_INDEX, positions_from_mask
+from .prompt_cache import PromptCache
 
 DEFAULT_PROMPT = "default"  # the name of the prompt made by __init__ and loaded by from_pretrained
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def load_base_model(name: str, model_dtype: str = "fp32", device: torch.device | str = "cpu"):
-    """(the causal LM `name`, a hub id or a folder, in `model_dtype` on `device` in eval mode, its
-    tokenizer with a pad token). Raises a one-line ValueError when it cannot be loaded."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if Path(name).is_file():
-        raise ValueError(f"--model {name} is a file: pass a model folder or a hub name")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = load_converted(name, DTYPES[model_dtype])  # None: nothing to convert, or not read by us
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[model_dtype])
-    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a truncated weights file
-        reason = str(error).splitlines()[0]
-        if Path(name).is_dir():
-            raise ValueError(f"cannot load a causal LM from folder {name} ({reason})") from None
-        raise ValueError(
-            f"could not load model {name!r} from the hub ({reason}): pass a local model folder with --model"
-        ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out and never labelled
-    return model.to(device).eval(), tokenizer
-
-
-def limit_kernel_cache() -> None:
-    """Cap oneDNN's cache of compiled CPU kernels at 32 (its default keeps 1024). Each new batch
-    shape compiles a set of bf16/fp16 matmul kernels, and with rows of every length the cache grew
-    a run's memory step after step (SmolLM2, 160 ETHOS rows in bf16: a 1437 MiB peak against 1313 MiB,
-    in the same time); the layers of one shape reuse far fewer than 32. It takes effect only if the
-    process has run no 16-bit CPU matmul yet, and a value set in the environment is kept."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto`: cuda, then mps, then cpu; otherwise a device torch knows (`cuda:1` too) and this
-    machine has. A one-line ValueError otherwise."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name} is not a device: pass cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}, but torch sees no CUDA device: pass --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}, but torch sees no MPS device: pass --device cpu")
-    return device
 
 
 class SoftPromptModel(nn.Module):
@@ -121,7 +66,8 @@ class SoftPromptModel(nn.Module):
         base_model.requires_grad_(False)
         self.base_model = base_model
         self.tokenizer = tokenizer
-        self._prompt_kv = {}  # name -> (what it was computed from, the prompt's cache); see generation.prompt_cache
+        # Each named prompt's keys and values, for generation and label scoring (prompt_cache.py).
+        self.prompt_cache = PromptCache(self.run_prompt_alone)
         # Named prompts, each with its own metadata; `prompt` is the active one (see `set_prompt`).
         self.prompts = nn.ModuleDict()
         self.prompt_metadata: dict[str, dict] = {}
@@ -279,6 +225,14 @@ class SoftPromptModel(nn.Module):
             predicting_text[has_label], self.base_model.get_output_embeddings(), labels[has_label]
         )
 
+    def run_prompt_alone(self, weight: torch.Tensor) -> DynamicCache:
+        """The frozen model's cache after the prompt `weight` `[V, D]` alone, at positions 0..V-1,
+        batch 1: what `prompt_cache` keeps for each named prompt."""
+        inputs = {"inputs_embeds": weight[None].to(self.base_model.dtype)}  # [1, V, D]
+        if self.takes_position_ids:
+            inputs["position_ids"] = torch.arange(weight.shape[0], device=weight.device)[None]  # [1, V]
+        return self.base_model(**inputs, use_cache=True)[self.cache_argument]
+
     # -- named prompts -------------------------------------------------------------------------
 
     @property
@@ -342,7 +296,7 @@ class SoftPromptModel(nn.Module):
             "seed": seed,
             **(metadata or {}),
         }
-        self._prompt_kv.pop(name, None)
+        self.prompt_cache.invalidate(name)
         return prompt
 
     def load_prompt(self, directory: str | os.PathLike, name: str) -> SoftPromptEmbedding:
@@ -372,7 +326,7 @@ class SoftPromptModel(nn.Module):
             raise ValueError(f"no prompt named {name!r}: the loaded prompts are {self.prompt_names}")
         del self.prompts[name]
         del self.prompt_metadata[name]
-        self._prompt_kv.pop(name, None)
+        self.prompt_cache.invalidate(name)
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str) -> SoftPromptEmbedding:
         """PEFT's spelling of `load_prompt(directory, adapter_name)`."""

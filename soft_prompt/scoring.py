@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from .data import positions_from_mask, right_padded, split_template, template_fields
+from .masks import positions_from_mask, right_padded
+from .templates import split_template, template_fields
 from .generation import batch_prompt_cache, prefix_cache_supported
 
 if TYPE_CHECKING:

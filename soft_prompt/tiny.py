@@ -54,7 +54,7 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>")
 
 
-def build_model(
+def build_tiny_model(
     architecture: str, vocab_size: int, seed: int = 0, hidden_size: int = 32, initializer_range: float = 0.02
 ) -> PreTrainedModel:
     """A 2-layer model of `architecture` with random weights (seeded, std `initializer_range`)."""
@@ -84,7 +84,7 @@ def save_tiny_model(
 ) -> str:
     """Write a tiny model and its tokenizer as a Hugging Face folder; returns the folder."""
     tokenizer = build_tokenizer()
-    model = build_model(architecture, len(tokenizer), seed=seed, initializer_range=initializer_range)
+    model = build_tiny_model(architecture, len(tokenizer), seed=seed, initializer_range=initializer_range)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)

@@ -1,7 +1,8 @@
 """The training loop, written out: AdamW on the prompt only, warmup and decay, gradient
 accumulation and clipping, autocast (fp16 with a GradScaler), periodic evaluation, and resumable
-checkpoints. `train(config)` runs it; `train.py` is its command line; under torchrun every rank
-runs it (`distributed.py`).
+checkpoints. `train(config)` runs `setup` (resolve a copy of the configuration, load the data and
+the model, open the run folder) and then `loop`, which reads top to bottom; `train.py` is its
+command line; under torchrun every rank runs it (`distributed.py`).
 
 A run folder holds:
 
@@ -15,6 +16,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -24,31 +26,34 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .analysis import prompt_drift
-from .checkpoint import check_output_folder, json_bytes, load_checkpoint, save_checkpoint, write_atomic
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import AUTO, TrainConfig, resolve_automatic
 from .data import (
-    IGNORE_INDEX,
     Example,
     batch_order,
     check_fits_context,
     check_template_columns,
     collate,
-    label_words_of,
     load_rows,
     split_batch,
     split_validation,
     tokenize_rows,
 )
-from .bloom_sdpa import use_sdpa_attention
 from .distributed import World, init_world, shard_frozen_model
-from .model import DTYPES, SoftPromptModel, limit_kernel_cache, load_base_model, pick_device
+from .evaluation import mean_eval_loss, prompt_drift
+from .files import check_output_folder, json_bytes, write_atomic
+from .masks import IGNORE_INDEX
+from .model import SoftPromptModel
+from .runtime import DTYPES, apply_speed_options, limit_kernel_cache, load_base_model, pick_device
+from .templates import label_words_of
 from .training_state import (
     TrainState,
     find_resume_dir,
@@ -89,40 +94,6 @@ def prepare_demo(output_dir: Path, model: str, data: str | None) -> tuple[str, s
         data = str(output_dir / "demo-data.jsonl")
         write_atomic(data, "".join(json.dumps(row) + "\n" for row in demo_rows(256)).encode())
     return model, data
-
-
-def apply_speed_options(base_model, model_cfg) -> dict:
-    """--attention, --gradient-checkpointing and --compile on the frozen model. Returns
-    {"attention": kernel} when --attention was auto, for train_config.json's "automatic", and
-    writes the kernel into `model_cfg` like the other resolved fields."""
-    attention_was_auto = model_cfg.attention == AUTO
-    model_cfg.attention = set_attention(base_model, model_cfg.attention, model_cfg.device, model_cfg.precision)
-    if model_cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing: the frozen weights need no grad, only the prompt's path does.
-        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if model_cfg.compile:
-        base_model.get_decoder().compile(dynamic=True)  # both loss() and forward() run through the decoder
-    return {"attention": model_cfg.attention} if attention_was_auto else {}
-
-
-def set_attention(base_model, attention: str, device_type: str, precision: str) -> str:
-    """Run the frozen model's attention with `attention` (eager or sdpa) and return it. auto is
-    eager on CPU under bf16/fp16 autocast, where SDPA's CPU kernel made a SmolLM2 epoch 30% slower
-    (its backward; benchmarks/README.md), and otherwise the kernel the model loaded with
-    (transformers' choice: SDPA where the model has it, eager for BLOOM)."""
-    loaded = base_model.config._attn_implementation
-    if attention == AUTO:
-        attention = "eager" if device_type == "cpu" and precision != "fp32" else loaded
-    if attention == "sdpa" and use_sdpa_attention(base_model):  # BLOOM: its transformers code has no SDPA
-        return attention
-    if attention != loaded:
-        try:
-            base_model.set_attn_implementation(attention)
-        except (ValueError, ImportError) as error:
-            reason = str(error).strip().splitlines()[0]
-            raise ValueError(f"--attention {attention}: {type(base_model).__name__} cannot run it ({reason}); "
-                             "pass --attention auto") from None
-    return attention
 
 
 def load_data_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -180,33 +151,7 @@ def lr_at(step: int, lr: float, scheduler: str, warmup_steps: int, total_steps: 
     return lr * factor
 
 
-# -- evaluation ---------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(
-    model: SoftPromptModel, examples: list[Example], batch_size: int, autocast, pad_token_id: int, world: World = World()
-) -> float:
-    """The mean loss per labelled token over `examples` (longest rows first, to pad little); under
-    torchrun each rank evaluates its share of each batch and the sums are combined."""
-    model.eval()
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        rows = world.share(order[start : start + batch_size])
-        # A rank with no row of a short last batch still runs a forward (FSDP's all-gathers need
-        # every rank), on the batch's first row, and does not count it.
-        counted = bool(rows)
-        batch = collate([examples[i] for i in rows or order[start : start + 1]], pad_token_id)
-        batch = {key: value.to(model.device) for key, value in batch.items()}
-        with autocast():
-            loss = model.loss(**batch)
-        labelled = int((batch["labels"] != IGNORE_INDEX).sum()) if counted else 0
-        total, count = total + loss.item() * labelled, count + labelled
-    model.train()
-    if world.size > 1:
-        total, count = world.sum_(torch.tensor([total, count], dtype=torch.float64, device=model.device)).tolist()
-    return total / max(count, 1)
+# -- stopping -----------------------------------------------------------------------------------
 
 
 class StopRequest:
@@ -306,7 +251,7 @@ def prepare_output_dir(config: TrainConfig) -> tuple[Path, Path | None, dict | N
     return output_dir, resume_dir, resumed
 
 
-def build_model(
+def build_soft_prompt_model(
     config: TrainConfig, base_model, tokenizer, resume_dir: Path | None, resumed_step: int | None
 ) -> tuple[SoftPromptModel, torch.Tensor]:
     """(the frozen LM with the prompt, the only trainable parameter ([V, D], fp32), in train mode;
@@ -432,37 +377,36 @@ def train_step(
     return step_loss, grad_norm, finite
 
 
-def save_last(
-    output_dir: Path, model: SoftPromptModel, initial_weight: torch.Tensor, state: TrainState, optimizer, scaler
-) -> None:
+def save_last(run: Run) -> None:
     """`last/`: the prompt, the prompt before training and all the loop needs to resume
     (`training_state_files`)."""
+    model = run.model
     save_checkpoint(
-        output_dir / "last",
+        run.output_dir / "last",
         model.prompt.weight,
         model.base_model,
-        {**model.metadata, "step": state.step},
-        extra_files=training_state_files(state.to_dict(), optimizer, scaler),
-        initial_weight=initial_weight,
+        {**model.metadata, "step": run.state.step},
+        extra_files=training_state_files(run.state.to_dict(), run.optimizer, run.scaler),
+        initial_weight=run.initial_weight,
     )
 
 
-def evaluate_and_keep_best(
-    model: SoftPromptModel, initial_weight: torch.Tensor, state: TrainState, eval_examples: list[Example],
-    batch_size: int, autocast, pad_token_id: int, output_dir: Path, metrics_path: Path, epoch: float, world: World,
-) -> None:
+def evaluate_and_keep_best(run: Run) -> None:
     """Evaluate (every rank), log it and save `best/` when the eval loss is the lowest so far
     (rank 0)."""
-    eval_loss = evaluate(model, eval_examples, batch_size, autocast, pad_token_id, world)
+    model, state = run.model, run.state
+    eval_loss = mean_eval_loss(model, run.eval_examples, run.config.optim.batch_size, run.autocast, run.pad_token_id, run.world)
     state.eval_loss = eval_loss
     is_best = state.best_eval_loss is None or eval_loss < state.best_eval_loss
     if is_best:
         state.best_eval_loss = eval_loss
-    if world.is_main:
-        log_metrics(metrics_path, {"step": state.step, "epoch": epoch, "eval_loss": eval_loss})
+    if run.world.is_main:
+        epoch = state.epoch_progress(run.batches_per_epoch)
+        log_metrics(run.metrics_path, {"step": state.step, "epoch": epoch, "eval_loss": eval_loss})
         if is_best:
             metadata = {**model.metadata, "step": state.step, "eval_loss": eval_loss}
-            save_checkpoint(output_dir / "best", model.prompt.weight, model.base_model, metadata, initial_weight=initial_weight)
+            save_checkpoint(run.output_dir / "best", model.prompt.weight, model.base_model, metadata,
+                            initial_weight=run.initial_weight)
 
 
 def report(summary: dict, output_dir: Path, total_steps: int) -> None:
@@ -486,18 +430,38 @@ def report(summary: dict, output_dir: Path, total_steps: int) -> None:
     )
 
 
-def train(config: TrainConfig) -> dict:
-    """Train a soft prompt as `config` says; returns the summary (also printed as one line).
+@dataclass
+class Run:
+    """What `setup` hands the loop: the resolved configuration and everything built from it."""
 
-    Raises `ValueError`/`FileNotFoundError` (bad input, one line each) before any training, and
-    `TrainingDiverged` when `max_bad_steps` steps in a row were skipped as non-finite.
+    config: TrainConfig  # the resolved copy, as train_config.json records it
+    world: World
+    device: torch.device
+    output_dir: Path
+    model: SoftPromptModel
+    initial_weight: torch.Tensor  # [V, D], the prompt before training
+    pad_token_id: int
+    train_examples: list[Example]
+    eval_examples: list[Example]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Callable
+    state: TrainState
+    total_steps: int
+    batches_per_epoch: int
 
-    Under torchrun every rank runs it (see `distributed.py`): the same global batches, each rank its
-    share; rank 0 alone writes the run folder and prints.
-    """
-    started = time.perf_counter()
-    limit_kernel_cache()
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.jsonl"
+
+
+def setup(config: TrainConfig) -> Run:
+    """Resolve a copy of `config` (the `auto` fields, the preset's demo inputs, the output folder),
+    check every input, load the data and the model, and open the run folder: the run's state,
+    ready for `loop`. The caller's `config` is left as it was."""
+    config = copy.deepcopy(config)
     model_cfg, prompt_cfg, data_cfg, optim, run = config.model, config.prompt, config.data, config.optim, config.run
+    limit_kernel_cache()
     world, device = init_world(pick_device(model_cfg.device))
     model_cfg.device = device.type
     automatic = resolve_automatic(config, device.type)  # --model-dtype, --max-batch-tokens; --attention below
@@ -514,11 +478,13 @@ def train(config: TrainConfig) -> dict:
     # --fsdp: the whole model sits only in host memory; fully_shard moves each rank's shards to its GPU.
     load_device = torch.device("cpu") if model_cfg.fsdp else device
     base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, load_device)
-    automatic |= apply_speed_options(base_model, model_cfg)
+    attention = apply_speed_options(base_model, model_cfg)
+    if model_cfg.attention == AUTO:
+        model_cfg.attention = automatic["attention"] = attention
     train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
 
     # The prompt reads embedding rows (text and vocab init) before any weight is sharded.
-    model, initial_weight = build_model(config, base_model, tokenizer, resume_dir, resumed["step"] if resumed else None)
+    model, initial_weight = build_soft_prompt_model(config, base_model, tokenizer, resume_dir, resumed["step"] if resumed else None)
     check_fits_context(train_examples + eval_examples, prompt_cfg.num_virtual_tokens, model.context_length)
     metrics_path = output_dir / "metrics.jsonl"
     kept_metrics = metrics_up_to(metrics_path, resumed["step"]) if resumed else None
@@ -541,13 +507,9 @@ def train(config: TrainConfig) -> dict:
         torch.autocast, device.type, dtype=DTYPES[model_cfg.precision], enabled=model_cfg.precision != "fp32"
     )
 
-    # The schedule of optimizer steps: each takes `grad_accum` batches of the epoch's order.
-    lengths = [len(example.input_ids) for example in train_examples]
-    num_labelled = [sum(label != IGNORE_INDEX for label in example.labels) for example in train_examples]
+    # Each optimizer step takes `grad_accum` batches of the epoch's order.
     batches_per_epoch = math.ceil(len(train_examples) / optim.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / optim.grad_accum)
-    total_steps = optim.max_steps or optim.epochs * steps_per_epoch
-
+    total_steps = optim.max_steps or optim.epochs * math.ceil(batches_per_epoch / optim.grad_accum)
     # The data position is global (batches of the global order), so a run resumes on any number of ranks.
     state = TrainState(model=model_cfg.model, num_virtual_tokens=prompt_cfg.num_virtual_tokens)
     if resume_dir:
@@ -556,31 +518,45 @@ def train(config: TrainConfig) -> dict:
             print(f"resuming {resume_dir} at step {state.step} of {total_steps}", file=sys.stderr)
     if world.is_main:
         open_metrics(metrics_path, kept_metrics)
+    return Run(
+        config, world, device, output_dir, model, initial_weight, tokenizer.pad_token_id, train_examples,
+        eval_examples, optimizer, scaler, autocast, state, total_steps, batches_per_epoch,
+    )  # fmt: skip
 
-    batches = batch_order(lengths, optim.batch_size, run.seed, state.epoch, data_cfg.group_by_length)
+
+def loop(run: Run) -> dict:
+    """The training loop: optimizer steps until `run.total_steps` (or a Ctrl-C, which finishes the
+    step and saves `last/`), logging, evaluating and saving as the configuration says. Returns the
+    summary (without the setup's seconds)."""
+    optim, run_cfg, data_cfg = run.config.optim, run.config.run, run.config.data
+    model, state, world = run.model, run.state, run.world
+    num_virtual = run.config.prompt.num_virtual_tokens
+    lengths = [len(example.input_ids) for example in run.train_examples]
+    num_labelled = [sum(label != IGNORE_INDEX for label in example.labels) for example in run.train_examples]
+    batches = batch_order(lengths, optim.batch_size, run_cfg.seed, state.epoch, data_cfg.group_by_length)
     loop_started = time.perf_counter()
     tokens_seen = window_tokens = 0
     window_started = loop_started
     progress = tqdm(
-        total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.is_main
+        total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.is_main
     )
     interrupted = False
     with StopRequest(world) as stop:
-        while state.step < total_steps:
+        while state.step < run.total_steps:
             if state.batch_in_epoch == 0:
                 state.epoch_loss_sum, state.epoch_steps = 0.0, 0
             group = batches[state.batch_in_epoch : state.batch_in_epoch + optim.grad_accum]
-            lr = lr_at(state.step, optim.lr, optim.scheduler, optim.warmup_steps, total_steps)
-            for param_group in optimizer.param_groups:
+            lr = lr_at(state.step, optim.lr, optim.scheduler, optim.warmup_steps, run.total_steps)
+            for param_group in run.optimizer.param_groups:
                 param_group["lr"] = lr
 
             # This rank's share of the step's batches, cut into micro-batches within --max-batch-tokens.
             pieces, weights = step_micro_batches(
-                group, lengths, num_labelled, optim.max_batch_tokens, prompt_cfg.num_virtual_tokens, world, model_cfg.fsdp
+                group, lengths, num_labelled, optim.max_batch_tokens, num_virtual, world, run.config.model.fsdp
             )
-            micro_batches = [collate([train_examples[i] for i in piece], tokenizer.pad_token_id) for piece in pieces]
+            micro_batches = [collate([run.train_examples[i] for i in piece], run.pad_token_id) for piece in pieces]
             step_loss, grad_norm, finite = train_step(
-                model, optimizer, scaler, micro_batches, weights, autocast, optim.max_grad_norm, world
+                model, run.optimizer, run.scaler, micro_batches, weights, run.autocast, optim.max_grad_norm, world
             )
             window_tokens += sum(lengths[i] for indices in group for i in indices)  # every rank's rows
             state.count_step(step_loss, finite)
@@ -597,56 +573,68 @@ def train(config: TrainConfig) -> dict:
             end_of_epoch = state.batch_in_epoch == len(batches)
             if end_of_epoch:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                batches = batch_order(lengths, optim.batch_size, run.seed, state.epoch, data_cfg.group_by_length)
-            last_step = state.step == total_steps
+                batches = batch_order(lengths, optim.batch_size, run_cfg.seed, state.epoch, data_cfg.group_by_length)
+            last_step = state.step == run.total_steps
 
             now = time.perf_counter()
             tokens_per_s = window_tokens / max(now - window_started, 1e-9)
-            if world.is_main and (state.step % run.log_every == 0 or last_step):
-                log_metrics(metrics_path, {
+            if world.is_main and (state.step % run_cfg.log_every == 0 or last_step):
+                log_metrics(run.metrics_path, {
                     "step": state.step,
-                    "epoch": state.epoch_progress(batches_per_epoch),
+                    "epoch": state.epoch_progress(run.batches_per_epoch),
                     "loss": step_loss,
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s,
                     "prompt_norm": model.prompt.weight.detach().norm().item(),
-                    **prompt_drift(model.prompt.weight, initial_weight),
+                    **prompt_drift(model.prompt.weight, run.initial_weight),
                 })  # fmt: skip
-            if state.step % run.log_every == 0 or last_step:
+            if state.step % run_cfg.log_every == 0 or last_step:
                 tokens_seen, window_tokens, window_started = tokens_seen + window_tokens, 0, now
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
             progress.update(1)
 
-            eval_due = (state.step % run.eval_every == 0) if run.eval_every else end_of_epoch
-            if eval_examples and (eval_due or last_step):
-                evaluate_and_keep_best(
-                    model, initial_weight, state, eval_examples, optim.batch_size, autocast, tokenizer.pad_token_id,
-                    output_dir, metrics_path, state.epoch_progress(batches_per_epoch), world,
-                )  # fmt: skip
-            stopping = world.any(stop.requested, device)  # every rank stops after the same step
-            if world.is_main and ((run.save_every and state.step % run.save_every == 0) or last_step or stopping):
-                save_last(output_dir, model, initial_weight, state, optimizer, scaler)
+            eval_due = (state.step % run_cfg.eval_every == 0) if run_cfg.eval_every else end_of_epoch
+            if run.eval_examples and (eval_due or last_step):
+                evaluate_and_keep_best(run)
+            stopping = world.any(stop.requested, run.device)  # every rank stops after the same step
+            if world.is_main and ((run_cfg.save_every and state.step % run_cfg.save_every == 0) or last_step or stopping):
+                save_last(run)
             if stopping and not last_step:
                 interrupted = True
                 break
     progress.close()
     tokens_seen += window_tokens
     train_seconds = time.perf_counter() - loop_started  # the loop alone: no loading, no setup
-
-    summary = {
+    return {
         "steps": state.step,
         "train_loss": state.epoch_loss_sum / max(state.epoch_steps, 1),
         "eval_loss": state.eval_loss,
         "best_eval_loss": state.best_eval_loss,
         "skipped_steps": state.skipped_steps,
-        "seconds": time.perf_counter() - started,
         "train_seconds": train_seconds,
         "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
-        "peak_memory_mib": peak_memory_mib(device),
+        "peak_memory_mib": peak_memory_mib(run.device),
         "interrupted": interrupted,
-        "output_dir": str(output_dir),
+        "output_dir": str(run.output_dir),
     }
-    if world.is_main:
-        report(summary, output_dir, total_steps)
+
+
+def train(config: TrainConfig) -> dict:
+    """Train a soft prompt as `config` says (`setup`, then `loop`); returns the summary (also
+    printed as one line). `config` itself is not changed; the run folder's train_config.json holds
+    the resolved one.
+
+    Raises `ValueError`/`FileNotFoundError` (bad input, one line each) before any training, and
+    `TrainingDiverged` when `max_bad_steps` steps in a row were skipped as non-finite.
+
+    Under torchrun every rank runs it (see `distributed.py`): the same global batches, each rank its
+    share; rank 0 alone writes the run folder and prints.
+    """
+    started = time.perf_counter()
+    run = setup(config)
+    summary = loop(run)
+    summary["seconds"] = time.perf_counter() - started
+    if run.world.is_main:
+        report(summary, run.output_dir, run.total_steps)
     return summary

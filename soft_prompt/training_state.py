@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .checkpoint import json_bytes
+from .files import json_bytes
 from .data import read_lines
 
 STATE_JSON = "training_state.json"

@@ -10,7 +10,8 @@ import torch
 import analyze
 from soft_prompt import SoftPromptModel
 from soft_prompt.analysis import analyze as analyze_prompt
-from soft_prompt.analysis import attention_to_prompt, prompt_drift, script_of, uniform_attention_share
+from soft_prompt.analysis import attention_to_prompt, script_of, uniform_attention_share
+from soft_prompt.evaluation import prompt_drift
 from soft_prompt.checkpoint import INITIAL_PROMPT_NAME, load_initial_prompt
 from soft_prompt.config import HATE_INIT_TEXT, resolve_config
 from soft_prompt.data import Example, tokenize_rows

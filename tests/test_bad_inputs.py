@@ -13,7 +13,7 @@ import torch
 import infer
 import train
 from soft_prompt import SoftPromptModel
-from soft_prompt.tiny import build_model, demo_rows, save_tiny_model
+from soft_prompt.tiny import build_tiny_model, demo_rows, save_tiny_model
 from tests.conftest import load
 from tests.test_infer_cli import cli
 from tests.test_train_cli import run_cli
@@ -230,7 +230,7 @@ def checkpoints(bloom_dir, tmp_path_factory) -> dict[str, str]:
 
     save("CKPT", template=HATE, label_words=LABELS)
     save("ONE_LABEL", template=HATE, label_words=["hate speech"])
-    save("WIDE", SoftPromptModel(build_model("bloom", 400, hidden_size=48), num_virtual_tokens=2, seed=0))
+    save("WIDE", SoftPromptModel(build_tiny_model("bloom", 400, hidden_size=48), num_virtual_tokens=2, seed=0))
     cut(save("CORRUPT") / "adapter_model.safetensors", 30)
     (save("BINARY_META") / "soft_prompt.json").write_bytes(bytes(range(128, 256)))
     (save("LIST_META") / "soft_prompt.json").write_text("[]")

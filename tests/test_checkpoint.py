@@ -135,12 +135,12 @@ def test_damaged_checkpoints_get_one_clear_error(bloom, bloom_dir, tmp_path, dam
 
 
 def test_missing_directory_and_wrong_embedding_size(bloom, tmp_path):
-    from soft_prompt.tiny import build_model
+    from soft_prompt.tiny import build_tiny_model
 
     with pytest.raises(CheckpointError, match="does not exist"):
         SoftPromptModel.from_pretrained(bloom[0], tmp_path / "nowhere")
     trained_wrapper(bloom).save_pretrained(tmp_path / "ckpt")
-    wider = build_model("gpt2", 400, hidden_size=48)
+    wider = build_tiny_model("gpt2", 400, hidden_size=48)
     with pytest.raises(CheckpointError, match="embedding size 32 but the model has 48"):
         SoftPromptModel.from_pretrained(wider, tmp_path / "ckpt")
 

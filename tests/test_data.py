@@ -7,19 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from soft_prompt.data import (
-    IGNORE_INDEX,
-    Example,
-    batch_order,
-    split_batch,
-    check_template_columns,
-    collate,
-    label_words_of,
-    load_rows,
-    split_validation,
-    tokenize_row,
-    tokenize_rows,
-)
+from soft_prompt.data import batch_order, check_template_columns, collate, Example, load_rows, split_batch, split_validation, tokenize_row, tokenize_rows
+from soft_prompt.masks import IGNORE_INDEX
+from soft_prompt.templates import label_words_of
 from soft_prompt.tiny import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

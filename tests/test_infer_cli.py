@@ -12,7 +12,9 @@ import torch
 
 import infer
 from soft_prompt import SoftPromptModel
-from soft_prompt.inference import evaluate, generate_texts, load_model
+from soft_prompt.evaluation import label_metrics
+from soft_prompt.inference import generate_texts
+from soft_prompt.runtime import load_prompted_model
 from soft_prompt.tiny import demo_rows, save_tiny_model
 from tests.conftest import load
 
@@ -40,7 +42,7 @@ def test_generation_writes_tuned_and_base_outputs(bloom_dir, checkpoint, tmp_pat
                  "--max-new-tokens", "6", "--compare-base", "--output", "out.jsonl", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    model = load_model(bloom_dir, checkpoint)
+    model = load_prompted_model(bloom_dir, checkpoint)
     options = dict(max_new_tokens=6, repetition_penalty=1.5, num_beams=1, do_sample=False)
     assert rows == [
         {"input": text, "prompt": "default", "output": tuned, "base_output": base}
@@ -56,12 +58,12 @@ def test_eval_prints_the_table_and_writes_metrics_for_tuned_and_base(bloom_dir, 
     result = cli("--model", bloom_dir, "--checkpoint", checkpoint, "--eval", "eval.jsonl", "--output", "pred.jsonl",
                  "--metrics", "metrics.json", "--batch-size", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    model = load_model(bloom_dir, checkpoint)
+    model = load_prompted_model(bloom_dir, checkpoint)
     tuned, tuned_scores = model.classify(rows, LABELS)
     base, _ = model.classify(rows, LABELS, use_prompt=False)
     gold = [row["label_text"] for row in rows]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics == {"tuned (soft prompt)": evaluate(gold, tuned, LABELS), "base (no prompt)": evaluate(gold, base, LABELS)}
+    assert metrics == {"tuned (soft prompt)": label_metrics(gold, tuned, LABELS), "base (no prompt)": label_metrics(gold, base, LABELS)}
     predictions = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in predictions] == tuned and [p["label"] for p in predictions] == gold
     assert {p["prompt"] for p in predictions} == {"default"}
@@ -76,7 +78,7 @@ def test_eval_prints_the_table_and_writes_metrics_for_tuned_and_base(bloom_dir, 
 def test_metrics_by_hand():
     gold = ["a", "a", "a", "b", "b", "c"]
     predicted = ["a", "a", "b", "b", "a", "b"]
-    metrics = evaluate(gold, predicted, ["a", "b", "c"])
+    metrics = label_metrics(gold, predicted, ["a", "b", "c"])
     assert metrics["confusion"] == [[2, 1, 0], [1, 1, 0], [0, 1, 0]]
     assert metrics["accuracy"] == 3 / 6
     # a: tp 2, fp 1, fn 1 -> 4/6; b: tp 1, fp 2, fn 1 -> 2/5; c: tp 0 -> 0
@@ -101,7 +103,7 @@ def test_a_checkpoint_for_another_base_model_warns_or_fails_with_strict(checkpoi
 def test_long_inputs_keep_their_end_with_a_warning(model_dir, tmp_path):
     model, _ = load(model_dir)
     SoftPromptModel(model, num_virtual_tokens=4, seed=0).save_pretrained(tmp_path / "ckpt")
-    wrapper = load_model(model_dir, str(tmp_path / "ckpt"))
+    wrapper = load_prompted_model(model_dir, str(tmp_path / "ckpt"))
     if wrapper.context_length is None:
         pytest.skip("ALiBi (BLOOM) has no context limit")
     long_text = " ".join(["the cat is lovely"] * 200)
@@ -123,7 +125,7 @@ def test_precision_defaults_to_the_one_the_checkpoint_was_trained_with(recorded,
     shutil.copytree(checkpoint, trained)
     metadata = json.loads((trained / "soft_prompt.json").read_text())
     (trained / "soft_prompt.json").write_text(json.dumps({**metadata, **recorded}))
-    model = load_model(bloom_dir, str(trained), flag)
+    model = load_prompted_model(bloom_dir, str(trained), flag)
     assert model.base_model.dtype == expected and model.prompt.weight.dtype == torch.float32
 
 

@@ -8,8 +8,10 @@ import torch
 
 import infer
 from soft_prompt import SoftPromptModel
-from soft_prompt.inference import InferenceError, checkpoint_names, evaluate, generate_texts, load_model
-from soft_prompt.tiny import build_model, save_tiny_model
+from soft_prompt.evaluation import label_metrics
+from soft_prompt.inference import InferenceError, checkpoint_names, generate_texts
+from soft_prompt.runtime import load_prompted_model
+from soft_prompt.tiny import build_tiny_model, save_tiny_model
 from tests.conftest import load
 
 TEMPLATE = "Sentence : {text} Label : {label_text}"
@@ -74,7 +76,7 @@ def test_generation_routes_each_row_to_its_prompt(bloom_dir, checkpoints, tmp_pa
     assert code == 0
     out = read_rows(tmp_path / "out.jsonl")
     assert [row["prompt"] for row in out] == ["topic", "default", None, "topic"]
-    model = load_model(bloom_dir, {"default": checkpoints["hate"], "topic": checkpoints["topic"]})
+    model = load_prompted_model(bloom_dir, {"default": checkpoints["hate"], "topic": checkpoints["topic"]})
     options = dict(max_new_tokens=6, repetition_penalty=1.5, num_beams=1, do_sample=False)
     for row, written in zip(rows, out):  # each row alone, after its own prompt
         alone = generate_texts(model, [row["input"]], prompt_names=[written["prompt"]], **options)
@@ -97,7 +99,7 @@ def test_eval_scores_each_prompt_with_its_own_template_and_labels(bloom_dir, che
                        "--output", str(tmp_path / "pred.jsonl"), "--metrics", str(tmp_path / "metrics.json")])
     assert code == 0
     predictions = read_rows(tmp_path / "pred.jsonl")
-    model = load_model(bloom_dir, checkpoints)
+    model = load_prompted_model(bloom_dir, checkpoints)
     gold = [row.get("label_text") or row.get("topic") for row in rows]
     for row, written, want in zip(rows, predictions, gold):
         name = row["prompt"]
@@ -112,11 +114,11 @@ def test_eval_scores_each_prompt_with_its_own_template_and_labels(bloom_dir, che
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     hate, topic = [0, 1], [2, 3]
     assert metrics == {
-        "hate (soft prompt)": evaluate([gold[i] for i in hate], [predictions[i]["prediction"] for i in hate], LABELS),
-        "hate rows, base (no prompt)": evaluate([gold[i] for i in hate], [predictions[i]["base_prediction"] for i in hate], LABELS),
-        "topic (soft prompt)": evaluate([gold[i] for i in topic], [predictions[i]["prediction"] for i in topic], TOPICS),
-        "topic rows, base (no prompt)": evaluate([gold[i] for i in topic], [predictions[i]["base_prediction"] for i in topic], TOPICS),
-        "null rows, base (no prompt)": evaluate([gold[4]], [predictions[4]["prediction"]], LABELS),
+        "hate (soft prompt)": label_metrics([gold[i] for i in hate], [predictions[i]["prediction"] for i in hate], LABELS),
+        "hate rows, base (no prompt)": label_metrics([gold[i] for i in hate], [predictions[i]["base_prediction"] for i in hate], LABELS),
+        "topic (soft prompt)": label_metrics([gold[i] for i in topic], [predictions[i]["prediction"] for i in topic], TOPICS),
+        "topic rows, base (no prompt)": label_metrics([gold[i] for i in topic], [predictions[i]["base_prediction"] for i in topic], TOPICS),
+        "null rows, base (no prompt)": label_metrics([gold[4]], [predictions[4]["prediction"]], LABELS),
     }
 
 
@@ -131,7 +133,7 @@ def test_prompt_errors_are_one_line_and_exit_2(bloom_dir, checkpoints, tmp_path,
                              "--checkpoint", f"a={checkpoints['topic']}", "--input", "hi")
     assert code == 2 and message.startswith("error: --checkpoint: two checkpoints are named 'a'")
     wide = tmp_path / "wide"  # a prompt for a model with another embedding size
-    SoftPromptModel(build_model("bloom", 400, hidden_size=48), num_virtual_tokens=2, seed=0).save_pretrained(wide)
+    SoftPromptModel(build_tiny_model("bloom", 400, hidden_size=48), num_virtual_tokens=2, seed=0).save_pretrained(wide)
     code, message = run_main(capsys, *both, "--checkpoint", f"wide={wide}", "--input", "hi")
     assert code == 2 and f"checkpoint {wide} has embedding size 48 but the model has 32" in message
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from soft_prompt import CheckpointError, SoftPromptModel
-from soft_prompt.tiny import build_model
+from soft_prompt.tiny import build_tiny_model
 from tests.test_generate import left_padded, sharpen
 
 TEMPLATE = "Sentence : {text} Label : {label_text}"
@@ -88,7 +88,7 @@ def test_named_prompt_errors_say_what_to_change(bloom, tmp_path):
     with pytest.raises(ValueError, match="prompt_names has 1 names for a batch of 2 rows"):
         wrapper(torch.tensor([[5, 6], [7, 8]]), prompt_names=["a"])
     wide = tmp_path / "wide"  # a prompt for a model with another embedding size
-    SoftPromptModel(build_model("bloom", 400, hidden_size=48), num_virtual_tokens=2, seed=0).save_pretrained(wide)
+    SoftPromptModel(build_tiny_model("bloom", 400, hidden_size=48), num_virtual_tokens=2, seed=0).save_pretrained(wide)
     with pytest.raises(CheckpointError, match="embedding size 48 but the model has 32"):
         wrapper.load_prompt(wide, "wide")
     assert wrapper.prompt_names == ["default", "a"]

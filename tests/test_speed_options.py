@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from soft_prompt import SoftPromptModel
-from soft_prompt.training import apply_speed_options, set_attention
+from soft_prompt.runtime import apply_speed_options, set_attention
 from tests.conftest import load
 
 TEXTS = ["the cat is lovely", "our team made me smile and helps everyone"]
@@ -54,7 +54,7 @@ def test_auto_attention_is_eager_on_cpu_at_16_bits_else_the_models_own(model_dir
     assert base.config._attn_implementation == (expected or loaded)
     recorded = apply_speed_options(load(model_dir)[0], SimpleNamespace(
         attention="auto", device=device, precision=precision, gradient_checkpointing=False, compile=False))
-    assert recorded == {"attention": expected or loaded}
+    assert recorded == (expected or loaded)
 
 
 def test_a_kernel_the_model_cannot_run_is_one_line(model_dir, monkeypatch):

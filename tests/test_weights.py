@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from soft_prompt import weights
-from soft_prompt.model import load_base_model
-from soft_prompt.tiny import build_model
+from soft_prompt.runtime import load_base_model
+from soft_prompt.tiny import build_tiny_model
 
 from .conftest import load
 
@@ -86,7 +86,7 @@ def test_a_truncated_file_is_one_line(tmp_path, bloom_dir):
 
 
 def test_classes_that_keep_modules_in_fp32_are_left_to_from_pretrained(tmp_path, monkeypatch):
-    model = build_model("llama", 64)
+    model = build_tiny_model("llama", 64)
     model.save_pretrained(tmp_path)
     monkeypatch.setattr(type(model), "_keep_in_fp32_modules", ["lm_head"])
     assert weights.load_converted(str(tmp_path), torch.float16) is None

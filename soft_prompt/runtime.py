@@ -1,0 +1,154 @@
+"""The runtime around the mechanism: loading the frozen model (and a checkpoint's prompts onto it),
+picking the device, and the kernel options (attention, gradient checkpointing, compile, oneDNN's
+cache) that change speed and memory, never results beyond round-off."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from .bloom_sdpa import use_sdpa_attention
+from .checkpoint import METADATA_NAME, CheckpointError, read_json
+from .config import AUTO, ModelConfig
+from .model import DEFAULT_PROMPT, SoftPromptModel
+from .weights import load_converted
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_base_model(name: str, model_dtype: str = "fp32", device: torch.device | str = "cpu"):
+    """(the causal LM `name`, a hub id or a folder, in `model_dtype` on `device` in eval mode, its
+    tokenizer with a pad token). Raises a one-line ValueError when it cannot be loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if Path(name).is_file():
+        raise ValueError(f"--model {name} is a file: pass a model folder or a hub name")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = load_converted(name, DTYPES[model_dtype])  # None: nothing to convert, or not read by us
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=DTYPES[model_dtype])
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: a truncated weights file
+        reason = str(error).splitlines()[0]
+        if Path(name).is_dir():
+            raise ValueError(f"cannot load a causal LM from folder {name} ({reason})") from None
+        raise ValueError(
+            f"could not load model {name!r} from the hub ({reason}): pass a local model folder with --model"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out and never labelled
+    return model.to(device).eval(), tokenizer
+
+
+def limit_kernel_cache() -> None:
+    """Cap oneDNN's cache of compiled CPU kernels at 32 (its default keeps 1024). Each new batch
+    shape compiles a set of bf16/fp16 matmul kernels, and with rows of every length the cache grew
+    a run's memory step after step (benchmarks/README.md measures it); the layers of one shape reuse
+    far fewer than 32. It takes effect only if the process has run no 16-bit CPU matmul yet, and a
+    value set in the environment is kept."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: cuda, then mps, then cpu; otherwise a device torch knows (`cuda:1` too) and this
+    machine has. A one-line ValueError otherwise."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name} is not a device: pass cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}, but torch sees no CUDA device: pass --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}, but torch sees no MPS device: pass --device cpu")
+    return device
+
+
+def apply_speed_options(base_model, model_cfg: ModelConfig) -> str:
+    """--attention, --gradient-checkpointing and --compile on the frozen model; returns the
+    attention kernel it runs (what --attention auto chose)."""
+    attention = set_attention(base_model, model_cfg.attention, model_cfg.device, model_cfg.precision)
+    if model_cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing: the frozen weights need no grad, only the prompt's path does.
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if model_cfg.compile:
+        base_model.get_decoder().compile(dynamic=True)  # both loss() and forward() run through the decoder
+    return attention
+
+
+def set_attention(base_model, attention: str, device_type: str, precision: str) -> str:
+    """Run the frozen model's attention with `attention` (eager or sdpa) and return it. auto is
+    eager on CPU under bf16/fp16 autocast, where SDPA's CPU backward is the slower kernel
+    (benchmarks/README.md measures it), and otherwise the kernel the model loaded with
+    (transformers' choice: SDPA where the model has it, eager for BLOOM)."""
+    loaded = base_model.config._attn_implementation
+    if attention == AUTO:
+        attention = "eager" if device_type == "cpu" and precision != "fp32" else loaded
+    if attention == "sdpa" and use_sdpa_attention(base_model):  # BLOOM: its transformers code has no SDPA
+        return attention
+    if attention != loaded:
+        try:
+            base_model.set_attn_implementation(attention)
+        except (ValueError, ImportError) as error:
+            reason = str(error).strip().splitlines()[0]
+            raise ValueError(f"--attention {attention}: {type(base_model).__name__} cannot run it ({reason}); "
+                             "pass --attention auto") from None
+    return attention
+
+
+def load_prompted_model(
+    model_name: str,
+    checkpoints: str | dict[str, str],
+    precision: str | None = None,
+    device: str | None = None,
+    strict: bool = False,
+) -> SoftPromptModel:
+    """The frozen model `model_name` (hub id or folder) with its tokenizer and the checkpoints'
+    prompts: one directory (named "default") or {name: directory}. The active prompt is "default"
+    when there is one, else the first. `precision` defaults to the one the active prompt's
+    checkpoint was trained with.
+
+    A checkpoint recorded for another base model is a warning, or an error with `strict`; one with
+    another embedding size, or missing or corrupt, raises `CheckpointError`. `device` is
+    `pick_device`'s (default auto: cuda, then mps, then cpu).
+    """
+    if isinstance(checkpoints, str):
+        checkpoints = {DEFAULT_PROMPT: checkpoints}
+    device = pick_device(device or "auto")
+    (first_name, first_directory), *others = checkpoints.items()
+    precision = precision or trained_precision(checkpoints.get(DEFAULT_PROMPT, first_directory))
+    base, tokenizer = load_base_model(model_name, precision, device)
+    model = SoftPromptModel.from_pretrained(base, first_directory, tokenizer=tokenizer, name=first_name)
+    for name, directory in others:
+        model.load_prompt(directory, name)
+    for name, checkpoint in checkpoints.items():
+        recorded = model.prompt_metadata[name].get("base_model_name_or_path")
+        if recorded and not same_model_name(recorded, model_name):
+            message = f"checkpoint {checkpoint} was trained on {recorded!r}, not {model_name!r}"
+            if strict:
+                raise CheckpointError(message + " (--strict)")
+            warnings.warn(message + ": its outputs may be meaningless (--strict makes this an error)")
+    model.set_prompt(DEFAULT_PROMPT if DEFAULT_PROMPT in checkpoints else first_name)
+    return model
+
+
+def trained_precision(checkpoint: str) -> str:
+    """The --precision the checkpoint was trained with (its soft_prompt.json), or fp32 when it
+    records none (older checkpoints, PEFT's)."""
+    metadata = Path(checkpoint) / METADATA_NAME
+    recorded = read_json(metadata).get("precision") if metadata.is_file() else None
+    return recorded if recorded in DTYPES else "fp32"
+
+
+def same_model_name(a: str, b: str) -> bool:
+    """Hub id or local folder of the same name ("org/name" and "/models/name" agree)."""
+    return a == b or Path(a).name.lower() == Path(b).name.lower()

@@ -1,7 +1,7 @@
 """Step time of the shipped loop on 1 process against N under torchrun (data parallel and --fsdp),
 and the cost of combining the prompt's gradient: our one all-reduce against DDP's.
 
-    python benchmarks/bench_distributed.py --model /work/models/smollm2-135m \
+    python benchmarks/bench_distributed.py --model HuggingFaceTB/SmolLM2-135M-Instruct \
         --data ../shared/data/ethos_binary_train.jsonl --rows 96
     python benchmarks/bench_distributed.py --model DIR --data FILE --device cuda --ranks 8 --precision bf16
 
@@ -155,7 +155,9 @@ def main() -> None:
             summary["load_average"] = os.getloadavg()[0]
             results[name].append(summary)
             print(f"{name}: {summary['seconds_per_step']:.2f} s/step, {summary['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
-    write_report(args, results, " ".join(["python", "benchmarks/bench_distributed.py", *sys.argv[1:]]))
+    # absolute paths are printed relative to the checkout, so the recorded command runs on another machine
+    argv = [os.path.relpath(a) if os.path.isabs(a) else a for a in sys.argv[1:]]
+    write_report(args, results, " ".join(["python", "benchmarks/bench_distributed.py", *argv]))
 
 
 def write_report(args, results: dict[str, list[dict]], command: str) -> None:

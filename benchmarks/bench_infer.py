@@ -269,7 +269,9 @@ def write_many_prompts_report(
     args, model_dir: str, inputs: list[list[int]], results: list[dict], interleaved: dict[str, dict]
 ) -> None:
     name = Path(args.model).name if args.model else "tiny-llama"
-    command = (f"python benchmarks/bench_infer.py --many-prompts --model {args.model} --data {args.data} "
+    shown = {key: os.path.relpath(value) if value and os.path.isabs(value) else value  # no machine paths
+             for key, value in (("model", args.model), ("data", args.data))}
+    command = (f"python benchmarks/bench_infer.py --many-prompts --model {shown['model']} --data {shown['data']} "
                f"--rows {args.rows} --prompt-counts {' '.join(map(str, args.prompt_counts))} --repeats {args.repeats} "
                f"--peft-repeats {args.peft_repeats}")
     new_tokens = len(inputs) * args.max_new_tokens
@@ -379,7 +381,8 @@ def main() -> None:
 def write_report(args, model_dir: str, generation: list[dict], classification: list[dict]) -> None:
     name = Path(args.model).name if args.model else "tiny-llama"
     command = "python benchmarks/bench_infer.py " + " ".join(
-        f"{key}={value}" for key, value in [("--model", args.model), ("--data", args.data), ("--rows", args.rows)] if value
+        f"{key}={os.path.relpath(value) if os.path.isabs(str(value)) else value}"  # no machine paths
+        for key, value in [("--model", args.model), ("--data", args.data), ("--rows", args.rows)] if value
     ) + (" --classification-only" if args.classification_only else "")
     lines = [
         f"# Inference: ours vs PEFT ({name})", "", f"`{command}`", "",

@@ -89,7 +89,9 @@ def main() -> None:
             print(f"{checkout}: {runs[checkout][-1]}", file=sys.stderr)
 
     phases = ["python and imports", *PHASES.values(), "other setup", "to the first step"]
-    command = " ".join(["python", "benchmarks/bench_startup.py"] + sys.argv[1:])
+    # absolute paths (model, data, checkouts) are printed relative to this checkout, so the report names no machine
+    shown = {a: os.path.relpath(a) if os.path.isabs(a) else a for a in sys.argv[1:]}
+    command = " ".join(["python", "benchmarks/bench_startup.py"] + list(shown.values()))
     lines = [
         f"# Startup: seconds before the first training step ({Path(args.model).name})", "", f"`{command}`", "",
         f"{os.cpu_count()} CPUs. Median over {args.repeats} fresh processes per checkout, run interleaved; "
@@ -104,14 +106,14 @@ def main() -> None:
             for phase in phases
         ]
         imports = "yes" if any(run["datasets imported"] for run in checkout_runs) else "no"
-        lines.append(f"| {checkout} | " + " | ".join(cells) + f" | {imports} |")
+        lines.append(f"| {shown.get(checkout, checkout)} | " + " | ".join(cells) + f" | {imports} |")
     report = "\n".join(lines) + "\n"
     print(report)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     name = f"startup-{Path(args.model).name}-{args.precision}"
     (output_dir / f"{name}.md").write_text(report)
-    (output_dir / f"{name}.json").write_text(json.dumps({"command": command, "runs": runs}, indent=2) + "\n")
+    (output_dir / f"{name}.json").write_text(json.dumps({"command": command, "runs": {shown.get(c, c): r for c, r in runs.items()}}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -356,7 +356,8 @@ def main() -> None:
         print(json.dumps(run_side(args)))
         return
 
-    command = " ".join(["python", "benchmarks/bench_train.py"] + sys.argv[1:])
+    # absolute paths are printed relative to the checkout, so the recorded command runs on another machine
+    command = " ".join(["python", "benchmarks/bench_train.py"] + [os.path.relpath(a) if os.path.isabs(a) else a for a in sys.argv[1:]])
     name = Path(args.model).name if args.model else args.arch
     name += f"-{args.precision}" + ("-weights" if args.ours_model_dtype else "")
     name += f"-{args.ours_attention}" if args.ours_attention != "auto" else ""

@@ -668,7 +668,8 @@ def run(argv: list[str] | None = None) -> list[Row]:
         rows += training + generation_rows(setup) + checkpoint_rows(setup)
 
     extra = {
-        "command": ["python", "benchmarks/parity.py", *(argv if argv is not None else sys.argv[1:])],
+        "command": ["python", "benchmarks/parity.py",  # absolute paths relative to the checkout: no machine paths
+                    *(os.path.relpath(a) if os.path.isabs(a) else a for a in (argv if argv is not None else sys.argv[1:]))],
         "environment": f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"peft {__import__('peft').__version__}, {platform.machine()} CPU x{torch.get_num_threads()}",
         "seconds": time.time() - started,
@@ -677,7 +678,7 @@ def run(argv: list[str] | None = None) -> list[Row]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"parity-{name}.md").write_text(markdown(setup, rows, extra))
-    report = {"model": name, "args": vars(args), **extra, "rows": [asdict(row) for row in rows]}
+    report = {"model": name, "args": {k: os.path.relpath(v) if isinstance(v, str) and os.path.isabs(v) else v for k, v in vars(args).items()}, **extra, "rows": [asdict(row) for row in rows]}
     (output_dir / f"parity-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(setup, rows, extra))
     return rows

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -235,6 +236,9 @@ def sweep(options: argparse.Namespace) -> list[dict]:
     cells = grid(options.grid, options.seeds)
     setting = {key: getattr(options, key) for key in ("model", "data", "eval_data", "grid", "train_rows", "eval_rows",
                                                        "epochs", "batch_size", "max_length", "template", "seeds")}
+    for key in ("model", "data", "eval_data"):  # absolute paths relative to the checkout: the tables name no machine
+        if setting[key] and os.path.isabs(setting[key]):
+            setting[key] = os.path.relpath(setting[key])
     setting["labels"] = labels
 
     base_file = output_dir / "cells" / "base.json"

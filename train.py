@@ -1,4 +1,4 @@
-"""Train a soft prompt: `python train.py --task hate` (see README, "Training", for every flag).
+"""Train a soft prompt: `python train.py --task hate` (docs/training.md describes every flag).
 
 Only the command line lives here; the loop is `soft_prompt.training.train`.
 """

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from soft_prompt.files import portable_path
+
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 HATE_TEMPLATE = "Sentence : {text} Label : {label_text}"
@@ -156,7 +158,7 @@ def main() -> None:
             results[name].append(summary)
             print(f"{name}: {summary['seconds_per_step']:.2f} s/step, {summary['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
     # absolute paths are printed relative to the checkout, so the recorded command runs on another machine
-    argv = [os.path.relpath(a) if os.path.isabs(a) else a for a in sys.argv[1:]]
+    argv = [portable_path(a) for a in sys.argv[1:]]
     write_report(args, results, " ".join(["python", "benchmarks/bench_distributed.py", *argv]))
 
 

@@ -36,6 +36,7 @@ import torch
 
 from soft_prompt import SoftPromptModel
 from soft_prompt.config import TASKS
+from soft_prompt.files import portable_path
 from soft_prompt.runtime import load_base_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -269,8 +270,7 @@ def write_many_prompts_report(
     args, model_dir: str, inputs: list[list[int]], results: list[dict], interleaved: dict[str, dict]
 ) -> None:
     name = Path(args.model).name if args.model else "tiny-llama"
-    shown = {key: os.path.relpath(value) if value and os.path.isabs(value) else value  # no machine paths
-             for key, value in (("model", args.model), ("data", args.data))}
+    shown = {"model": portable_path(args.model), "data": portable_path(args.data)}
     command = (f"python benchmarks/bench_infer.py --many-prompts --model {shown['model']} --data {shown['data']} "
                f"--rows {args.rows} --prompt-counts {' '.join(map(str, args.prompt_counts))} --repeats {args.repeats} "
                f"--peft-repeats {args.peft_repeats}")
@@ -381,7 +381,7 @@ def main() -> None:
 def write_report(args, model_dir: str, generation: list[dict], classification: list[dict]) -> None:
     name = Path(args.model).name if args.model else "tiny-llama"
     command = "python benchmarks/bench_infer.py " + " ".join(
-        f"{key}={os.path.relpath(value) if os.path.isabs(str(value)) else value}"  # no machine paths
+        f"{key}={portable_path(value)}"
         for key, value in [("--model", args.model), ("--data", args.data), ("--rows", args.rows)] if value
     ) + (" --classification-only" if args.classification_only else "")
     lines = [

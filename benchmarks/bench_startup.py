@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from soft_prompt.files import portable_path
+
 RESULTS = Path(__file__).parent / "results"
 HATE_TEMPLATE = "Sentence : {text} Label : {label_text}"
 PHASES = {"load_data_rows": "read rows", "load_base_model": "load tokenizer and model", "tokenize_data": "tokenise"}
@@ -90,7 +92,7 @@ def main() -> None:
 
     phases = ["python and imports", *PHASES.values(), "other setup", "to the first step"]
     # absolute paths (model, data, checkouts) are printed relative to this checkout, so the report names no machine
-    shown = {a: os.path.relpath(a) if os.path.isabs(a) else a for a in sys.argv[1:]}
+    shown = {a: portable_path(a) for a in sys.argv[1:]}
     command = " ".join(["python", "benchmarks/bench_startup.py"] + list(shown.values()))
     lines = [
         f"# Startup: seconds before the first training step ({Path(args.model).name})", "", f"`{command}`", "",

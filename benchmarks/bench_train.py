@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from soft_prompt.config import TASKS
+from soft_prompt.files import portable_path
 
 RESULTS = Path(__file__).parent / "results"
 HATE_TEMPLATE = TASKS["hate"]["template"]
@@ -357,7 +358,7 @@ def main() -> None:
         return
 
     # absolute paths are printed relative to the checkout, so the recorded command runs on another machine
-    command = " ".join(["python", "benchmarks/bench_train.py"] + [os.path.relpath(a) if os.path.isabs(a) else a for a in sys.argv[1:]])
+    command = " ".join(["python", "benchmarks/bench_train.py"] + [portable_path(a) for a in sys.argv[1:]])
     name = Path(args.model).name if args.model else args.arch
     name += f"-{args.precision}" + ("-weights" if args.ours_model_dtype else "")
     name += f"-{args.ours_attention}" if args.ours_attention != "auto" else ""

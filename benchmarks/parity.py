@@ -44,9 +44,10 @@ from safetensors.torch import load_file  # noqa: E402
 from soft_prompt import SoftPromptModel  # noqa: E402
 from soft_prompt.checkpoint import PROMPT_KEY, WEIGHTS_NAME  # noqa: E402
 from soft_prompt.config import TASKS, resolve_config  # noqa: E402
-from soft_prompt.data import batch_order, collate, Example  # noqa: E402
-from soft_prompt.templates import fill_template
+from soft_prompt.data import Example, batch_order, collate  # noqa: E402
 from soft_prompt.embedding import text_init_ids  # noqa: E402
+from soft_prompt.files import portable_path  # noqa: E402
+from soft_prompt.templates import fill_template  # noqa: E402
 from soft_prompt.training import load_data_rows, tokenize_data, train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -669,7 +670,7 @@ def run(argv: list[str] | None = None) -> list[Row]:
 
     extra = {
         "command": ["python", "benchmarks/parity.py",  # absolute paths relative to the checkout: no machine paths
-                    *(os.path.relpath(a) if os.path.isabs(a) else a for a in (argv if argv is not None else sys.argv[1:]))],
+                    *(portable_path(a) for a in (argv if argv is not None else sys.argv[1:]))],
         "environment": f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"peft {__import__('peft').__version__}, {platform.machine()} CPU x{torch.get_num_threads()}",
         "seconds": time.time() - started,
@@ -678,7 +679,7 @@ def run(argv: list[str] | None = None) -> list[Row]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"parity-{name}.md").write_text(markdown(setup, rows, extra))
-    report = {"model": name, "args": {k: os.path.relpath(v) if isinstance(v, str) and os.path.isabs(v) else v for k, v in vars(args).items()}, **extra, "rows": [asdict(row) for row in rows]}
+    report = {"model": name, "args": {k: portable_path(v) for k, v in vars(args).items()}, **extra, "rows": [asdict(row) for row in rows]}
     (output_dir / f"parity-{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(setup, rows, extra))
     return rows

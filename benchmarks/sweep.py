@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,12 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from soft_prompt import SoftPromptModel
-from soft_prompt.files import json_bytes, write_atomic
 from soft_prompt.config import HATE_INIT_TEXT, TASKS, OneLineParser, resolve_config
 from soft_prompt.data import load_rows
-from soft_prompt.templates import label_words_of, template_fields
 from soft_prompt.evaluation import label_metrics
+from soft_prompt.files import json_bytes, portable_path, write_atomic
 from soft_prompt.runtime import load_base_model
+from soft_prompt.templates import label_words_of, template_fields
 from soft_prompt.training import train
 
 
@@ -236,9 +235,8 @@ def sweep(options: argparse.Namespace) -> list[dict]:
     cells = grid(options.grid, options.seeds)
     setting = {key: getattr(options, key) for key in ("model", "data", "eval_data", "grid", "train_rows", "eval_rows",
                                                        "epochs", "batch_size", "max_length", "template", "seeds")}
-    for key in ("model", "data", "eval_data"):  # absolute paths relative to the checkout: the tables name no machine
-        if setting[key] and os.path.isabs(setting[key]):
-            setting[key] = os.path.relpath(setting[key])
+    for key in ("model", "data", "eval_data"):  # the tables name no folder of this machine
+        setting[key] = portable_path(setting[key])
     setting["labels"] = labels
 
     base_file = output_dir / "cells" / "base.json"

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_initial_prompt
 from .data import Example, check_template_columns, collate, load_rows, tokenize_rows
 from .evaluation import label_metrics, mean_eval_loss, prompt_drift
-from .files import write_output
+from .files import portable_path, write_output
 from .masks import IGNORE_INDEX
 from .model import SoftPromptModel
 from .runtime import load_prompted_model, pick_device
@@ -372,7 +372,7 @@ def run(options: argparse.Namespace) -> dict:
         initial_prompt=load_initial_prompt(options.checkpoint),
         metrics_file=metrics_file if metrics_file.is_file() else None,
     )
-    figures.update(checkpoint=str(options.checkpoint), model=options.model)
+    figures.update(checkpoint=portable_path(str(options.checkpoint)), model=portable_path(options.model))
     print(format_report(figures))
     if options.json:
         write_output(options.json, json.dumps(figures, indent=2) + "\n")

@@ -48,3 +48,9 @@ def write_output(path: str, text: str) -> None:
         write_atomic(path, text.encode())
     except OSError as error:
         raise ValueError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def portable_path(value: object) -> object:
+    """An absolute path as seen from the working folder (anything else as it is): what reports
+    record, so that they name no folder of the machine they were made on."""
+    return os.path.relpath(value) if isinstance(value, str) and os.path.isabs(value) else value

@@ -122,6 +122,27 @@ def test_prefix_cache_is_computed_once_and_again_only_when_the_prompt_changes(sh
     assert torch.equal(changed, wrapper.generate(**inputs, max_new_tokens=NEW, prefix_cache=False))
 
 
+def test_prompt_cache_keeps_one_entry_per_prompt_and_forgets_a_replaced_one(sharp):
+    model, tokenizer = sharp
+    wrapper = SoftPromptModel(model, num_virtual_tokens=V, seed=0)
+    wrapper.add_prompt("other", num_virtual_tokens=V + 1, seed=1)
+    cache = wrapper.prompt_cache
+    assert cache.size() == 0
+    wrapper.generate(**left_padded(tokenizer, TEXTS[:2]), max_new_tokens=2, prompt_names=["default", "other"])
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # Llama's are grouped
+    per_position = config.num_hidden_layers * 2 * kv_heads * head_dim * 4  # keys and values, fp32
+    assert cache.size() == (V + (V + 1)) * per_position
+    default = cache.get("default", wrapper.prompts["default"].weight, model.dtype)
+    assert cache.get("default", wrapper.prompts["default"].weight, model.dtype) is default  # not recomputed
+    assert cache.get("default", wrapper.prompts["default"].weight, torch.bfloat16) is not default  # another dtype
+    wrapper.delete_prompt("other")
+    assert cache.size() == V * per_position
+    cache.clear()
+    assert cache.size() == 0
+
+
 def test_repetition_penalty_counts_real_input_tokens_never_virtual_ones(sharp):
     model, tokenizer = sharp
     wrapper = SoftPromptModel(model, num_virtual_tokens=V, seed=0)

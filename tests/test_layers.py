@@ -11,8 +11,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "soft_prompt"
 CORE, SERVICES, COMMANDS, SCRIPTS = range(4)

@@ -87,7 +87,8 @@ def shared_prefix_loss(
     if model.takes_position_ids:
         prompt_inputs["position_ids"] = torch.arange(num_virtual, device=input_ids.device)[None]  # [1, V]
     prompt_cache = DynamicCache()
-    prompt_hidden = decoder(**prompt_inputs, use_cache=True, **{model.cache_argument: prompt_cache}).last_hidden_state  # [1, V, D]
+    prompt_output = decoder(**prompt_inputs, use_cache=True, **{model.cache_argument: prompt_cache})
+    prompt_hidden = prompt_output.last_hidden_state  # [1, V, D]
     # Every row's cache is a view of the one prompt's keys and values, [B, heads, V, d]; the text
     # pass concatenates its own after them (a new tensor, so the views are never written).
     shared = [

@@ -91,14 +91,25 @@ def generate(
 
 def prefix_cache_supported(model: SoftPromptModel) -> bool:
     """Whether the cached prompt followed by the batch's padding, `[P][pad][x]`, is exactly
-    `[pad][P][x]`: true when positions come from position ids (GPT-2's absolute, Llama's rotary)
-    or from the mask (BLOOM's ALiBi), not from cache slots as sliding windows count them."""
+    `[pad][P][x]` (see `prefix_cache_problem`)."""
+    return prefix_cache_problem(model) is None
+
+
+def prefix_cache_problem(model: SoftPromptModel) -> str | None:
+    """Why a prompt's cached keys and values cannot be reused before text at positions V, V + 1, ...
+    whatever padding comes between; None when they can: positions come from position ids (GPT-2's
+    absolute, Llama's rotary) or from the mask (BLOOM's ALiBi), not from cache slots as sliding
+    windows count them."""
     config = model.base_model.config
-    full_attention = getattr(config, "sliding_window", None) is None and set(
+    if config.is_encoder_decoder:
+        return f"{config.model_type} is an encoder-decoder model"
+    if getattr(config, "sliding_window", None) is not None or set(
         getattr(config, "layer_types", None) or ["full_attention"]
-    ) == {"full_attention"}
-    positions_not_from_slots = model.takes_position_ids or config.model_type == "bloom"
-    return full_attention and positions_not_from_slots and not config.is_encoder_decoder
+    ) != {"full_attention"}:
+        return f"{config.model_type} has sliding-window or other non-full attention layers"
+    if not (model.takes_position_ids or config.model_type == "bloom"):
+        return f"{config.model_type} takes no position ids, so its positions would count the cache's slots"
+    return None
 
 
 def batch_prompt_cache(model: SoftPromptModel, prompt_names: Sequence[str | None]) -> tuple[DynamicCache, torch.Tensor]:

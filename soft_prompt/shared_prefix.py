@@ -1,0 +1,164 @@
+"""The training loss with the soft prompt computed once per batch instead of once per row.
+
+Training lays a batch out as `[P][x][pad]`: the V prompt positions come first and are the same in
+every row, and under causal attention their states depend on those positions alone. So instead of
+running `[B, V + T]` positions,
+
+    prompt pass  [P]            [1, V]      with gradients; its keys and values become the cache
+    text pass    [P-cache][x]   [B, T]      the cache expanded over the B rows (a view), the text
+                                            at positions V, V + 1, ..., the mask [B, V + T]
+
+runs V + B * T. The expand is a view, so autograd sums the B rows' gradients into the one prompt,
+and the loss and the prompt's gradient equal `SoftPromptModel.loss` to round-off. The first text
+token is predicted by the prompt's last position, whose state every row shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from .data import IGNORE_INDEX, positions_from_mask
+from .generation import prefix_cache_problem
+from .loss import frozen_head_cross_entropy
+
+if TYPE_CHECKING:
+    from .model import SoftPromptModel
+
+
+def shared_prefix_supported(model: SoftPromptModel) -> tuple[bool, str]:
+    """(whether `shared_prefix_loss` equals `model.loss` on this model in its current mode, why
+    not). Ask in the mode it will run in: training mode adds the dropout and checkpointing checks."""
+    base_model = model.base_model
+    if not model.plain_linear_head:
+        return False, "the LM head is not a plain linear layer over the decoder's output, which the chunked loss needs"
+    problem = prefix_cache_problem(model)
+    if problem is not None:
+        return False, problem
+    if base_model.training:
+        if any(getattr(module, "gradient_checkpointing", False) is True for module in base_model.modules()):
+            # transformers drops a passed cache under checkpointing in training mode (its layers,
+            # and GPT-2's model forward), so the text rows would not see the prompt.
+            return False, "gradient checkpointing drops the prompt's cache in transformers' layers"
+        if has_active_dropout(base_model):
+            # One prompt pass means one dropout mask for every row's prompt: not the same loss.
+            return False, "dropout is active in training mode, and the rows would share the prompt's dropout"
+    return True, "the prompt runs once per batch"
+
+
+def has_active_dropout(module: nn.Module) -> bool:
+    """Whether `module` in training mode drops anything: an `nn.Dropout` with p > 0, or a float
+    `*dropout*` attribute > 0 (the rate that Llama's attention and BLOOM's blocks apply functionally)."""
+    for child in module.modules():
+        if isinstance(child, nn.Dropout) and child.p > 0:
+            return True
+        if any("dropout" in name and isinstance(value, float) and value > 0 for name, value in vars(child).items()):
+            return True
+    return False
+
+
+def shared_prefix_loss(
+    model: SoftPromptModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`model.loss(input_ids, attention_mask, labels)` for the active prompt and right-padded rows,
+    with the prompt's V positions computed once for the batch (see the module's docstring). Check
+    `shared_prefix_supported(model)` first. Works with or without gradients (evaluation)."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if labels is None:
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    base_model, decoder = model.base_model, model.base_model.get_decoder()
+    batch_size, length = input_ids.shape
+    text_embeds = base_model.get_input_embeddings()(input_ids)  # [B, T, D]
+    num_virtual = model.num_virtual_tokens
+
+    # The prompt pass, batch 1, positions 0..V-1, into a fresh cache (nothing outlives this call).
+    prompt_inputs = {
+        "inputs_embeds": model.prompt(1).to(text_embeds.dtype),  # [1, V, D], a view of the fp32 weight
+        "attention_mask": attention_mask.new_ones(1, num_virtual),
+    }
+    if model.takes_position_ids:
+        prompt_inputs["position_ids"] = torch.arange(num_virtual, device=input_ids.device)[None]  # [1, V]
+    prompt_cache = DynamicCache()
+    prompt_output = decoder(**prompt_inputs, use_cache=True, **{model.cache_argument: prompt_cache})
+    prompt_hidden = prompt_output.last_hidden_state  # [1, V, D]
+    # Every row's cache is a view of the one prompt's keys and values, [B, heads, V, d]; the text
+    # pass concatenates its own after them (a new tensor, so the views are never written).
+    shared = [
+        (layer.keys.expand(batch_size, -1, -1, -1), layer.values.expand(batch_size, -1, -1, -1))
+        for layer in prompt_cache.layers
+    ]
+    mask = torch.cat([attention_mask.new_ones(batch_size, num_virtual), attention_mask], dim=1)  # [B, V + T]
+    text_inputs = {"inputs_embeds": text_embeds, "attention_mask": mask}
+    if model.takes_position_ids:
+        text_inputs["position_ids"] = positions_from_mask(mask)[:, num_virtual:]  # [B, T]: V, V + 1, ...
+    # BLOOM takes its ALiBi positions from the [B, V + T] mask instead.
+    text_hidden = decoder(
+        **text_inputs, use_cache=True, **{model.cache_argument: DynamicCache(ddp_cache_data=shared)}
+    ).last_hidden_state  # [B, T, D]
+
+    # Token x_j is predicted by the position before it: x_1 by the prompt's last (shared by all rows).
+    predicting_text = torch.cat(
+        [prompt_hidden[:, -1:].expand(batch_size, -1, -1), text_hidden[:, :-1]], dim=1
+    )  # [B, T, D]
+    has_label = labels != IGNORE_INDEX
+    return frozen_head_cross_entropy(predicting_text[has_label], base_model.get_output_embeddings(), labels[has_label])
+
+
+@dataclass(frozen=True)
+class BatchCost:
+    """What the frozen model computes for one batch: positions, and matmul FLOPs."""
+
+    positions: int
+    flops: int
+
+
+def batch_cost(
+    base_model: nn.Module,
+    num_virtual: int,
+    batch_size: int,
+    length: int,
+    labelled: int,
+    shared: bool,
+    backward: bool = True,
+) -> BatchCost:
+    """The positions and matmul FLOPs of one batch `[P][x][pad]`, `batch_size` rows padded to
+    `length`, `labelled` tokens with a label, on the plain path (`[B, V + T]` positions) or the
+    shared-prefix one (V, then `[B, T]`), counting what runs:
+
+    - the decoder's weight matrices on every position computed, padding included: 2 FLOPs per
+      weight forward and, with `backward`, 2 more for the input's gradient (the frozen weights
+      get no gradient);
+    - attention's q k^T and p v over the whole [queries, keys] block each pass computes (masked
+      entries too): 4 FLOPs per (query, key, channel) forward, 8 backward;
+    - the LM head only where a label is, forward and its input's gradient.
+    """
+    config = base_model.config
+    decoder = base_model.get_decoder()
+    weights = sum(
+        parameter.numel()
+        for module in decoder.modules() if not isinstance(module, nn.Embedding)  # lookups, not matmuls
+        for parameter in module.parameters(recurse=False) if parameter.ndim == 2
+    )
+    heads = config.num_attention_heads
+    channels = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)  # query width
+    # (rows, queries, keys) of each pass
+    passes = [(1, num_virtual, num_virtual), (batch_size, length, num_virtual + length)] if shared else [
+        (batch_size, num_virtual + length, num_virtual + length)
+    ]
+    positions = sum(rows * queries for rows, queries, _ in passes)
+    score_pairs = sum(rows * queries * keys for rows, queries, keys in passes)
+    linear = 2 * weights * positions
+    attention = 4 * channels * config.num_hidden_layers * score_pairs
+    head = 2 * labelled * base_model.get_output_embeddings().weight.numel()
+    flops = linear + attention + head
+    if backward:
+        flops += linear + 2 * attention + head
+    return BatchCost(positions, flops)

@@ -1,0 +1,160 @@
+"""The prompt computed once per batch gives the loss and prompt gradient of the plain path."""
+
+import pytest
+import torch
+
+from soft_prompt import SoftPromptModel
+from soft_prompt.bloom_sdpa import use_sdpa_attention
+from soft_prompt.data import IGNORE_INDEX
+from soft_prompt.shared_prefix import batch_cost, shared_prefix_loss, shared_prefix_supported
+from tests.conftest import load
+
+TEXTS = ["the cat is lovely", "our team made me smile and helps everyone", "those people", "this movie is fine and sounds nice"]
+NUM_VIRTUAL = 5
+
+
+def wrapped(directory: str, attention: str = "eager") -> tuple[SoftPromptModel, dict]:
+    """A 5-token prompt (random, seeded) on the tiny model with `attention`, and a right-padded batch
+    of 4 rows of different lengths with their labels."""
+    base_model, tokenizer = load(directory)
+    if not (attention == "sdpa" and use_sdpa_attention(base_model)):  # BLOOM's SDPA is ours
+        base_model.set_attn_implementation(attention)
+    batch = dict(tokenizer(TEXTS, return_tensors="pt", padding=True))
+    assert tokenizer.padding_side == "right" and len(set(batch["attention_mask"].sum(1).tolist())) == len(TEXTS)
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    return SoftPromptModel(base_model, NUM_VIRTUAL, seed=0), batch
+
+
+def loss_and_gradient(model: SoftPromptModel, loss_fn, batches: list[dict], weights: list[float]):
+    """The weighted sum of `loss_fn` over `batches` (micro-batches, as a training step sums them)
+    and the prompt's gradient."""
+    model.prompt.weight.grad = None
+    total = sum(loss_fn(**batch) * weight for batch, weight in zip(batches, weights))
+    total.backward()
+    return total.detach(), model.prompt.weight.grad.clone()
+
+
+def shared(model):
+    return lambda **batch: shared_prefix_loss(model, **batch)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("completion_only", [False, True])
+def test_equals_the_plain_loss_and_gradient(model_dir, attention, completion_only):
+    model, batch = wrapped(model_dir, attention)
+    if completion_only:
+        batch["labels"][:, :2] = IGNORE_INDEX  # the first two tokens are the "prompt" of each row
+    assert shared_prefix_supported(model) == (True, "the prompt runs once per batch")
+    plain_loss, plain_grad = loss_and_gradient(model, model.loss, [batch], [1.0])
+    seen = []  # the decoder's inputs: the prompt once, then the rows' text alone
+    hook = model.base_model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
+    shared_loss, shared_grad = loss_and_gradient(model, shared(model), [batch], [1.0])
+    hook.remove()
+    rows, length = batch["input_ids"].shape
+    assert seen == [(1, NUM_VIRTUAL), (rows, length)]
+    assert plain_grad.abs().sum() > 0
+    torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(shared_grad, plain_grad, rtol=1e-5, atol=1e-5 * plain_grad.abs().max().item())
+
+
+def test_micro_batches_add_up_to_the_whole_batch(model_dir):
+    """Each call builds its own cache: micro-batches (each cut to its own length), weighted by
+    their share of the labelled tokens, give the whole batch's plain loss and gradient."""
+    model, batch = wrapped(model_dir)
+    halves = []
+    for rows in (slice(0, 2), slice(2, 4)):
+        half = {key: value[rows] for key, value in batch.items()}
+        length = int(half["attention_mask"].sum(1).max())
+        halves.append({key: value[:, :length] for key, value in half.items()})
+    labelled = [int((half["labels"] != IGNORE_INDEX).sum()) for half in halves]
+    weights = [count / sum(labelled) for count in labelled]
+    assert halves[0]["input_ids"].shape[1] != halves[1]["input_ids"].shape[1]
+    plain_loss, plain_grad = loss_and_gradient(model, model.loss, [batch], [1.0])
+    shared_loss, shared_grad = loss_and_gradient(model, shared(model), halves, weights)
+    torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(shared_grad, plain_grad, rtol=1e-5, atol=1e-5 * plain_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_bf16_autocast_stays_within_the_bf16_tolerance(model_dir, attention):
+    model, batch = wrapped(model_dir, attention)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_loss, plain_grad = loss_and_gradient(model, model.loss, [batch], [1.0])
+        shared_loss, shared_grad = loss_and_gradient(model, shared(model), [batch], [1.0])
+    assert shared_grad.dtype == torch.float32  # the fp32 master copy's gradient
+    torch.testing.assert_close(shared_loss, plain_loss, rtol=2e-2, atol=0)  # test_train's bf16 tolerance
+    assert (shared_grad - plain_grad).norm() <= 2e-2 * plain_grad.norm()
+
+
+def test_evaluation_without_gradients(model_dir):
+    model, batch = wrapped(model_dir)
+    with torch.no_grad():
+        plain, shared_loss = model.loss(**batch), shared_prefix_loss(model, **batch)
+    assert not shared_loss.requires_grad
+    torch.testing.assert_close(shared_loss, plain, rtol=1e-5, atol=0)
+    # Without labels, every real token is labelled, as model.loss does it.
+    del batch["labels"]
+    with torch.no_grad():
+        torch.testing.assert_close(shared_prefix_loss(model, **batch), model.loss(**batch), rtol=1e-5, atol=0)
+
+
+def test_training_mode_without_dropout_is_supported_and_exact(bloom_dir):
+    model, batch = wrapped(bloom_dir)
+    model.train()
+    assert shared_prefix_supported(model)[0]
+    plain_loss, plain_grad = loss_and_gradient(model, model.loss, [batch], [1.0])
+    shared_loss, shared_grad = loss_and_gradient(model, shared(model), [batch], [1.0])
+    torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(shared_grad, plain_grad, rtol=1e-5, atol=1e-5 * plain_grad.abs().max().item())
+
+
+def test_unsupported_models_and_modes_say_why(tmp_path):
+    from soft_prompt.tiny import save_tiny_model
+
+    gpt2, _ = wrapped(save_tiny_model(tmp_path / "gpt2", "gpt2"))
+    llama_dir = save_tiny_model(tmp_path / "llama", "llama")
+    gpt2.train()  # GPT-2's dropout is 0.1
+    assert shared_prefix_supported(gpt2) == (
+        False, "dropout is active in training mode, and the rows would share the prompt's dropout"
+    )
+    checkpointed, _ = wrapped(llama_dir)
+    checkpointed.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert shared_prefix_supported(checkpointed)[0]  # evaluation keeps the cache
+    checkpointed.train()
+    assert shared_prefix_supported(checkpointed) == (
+        False, "gradient checkpointing drops the prompt's cache in transformers' layers"
+    )
+    reasons = {
+        "final_logit_softcapping": (30.0, "the LM head is not a plain linear layer over the decoder's output, which the chunked loss needs"),
+        "sliding_window": (4, "llama has sliding-window or other non-full attention layers"),
+        "is_encoder_decoder": (True, "llama is an encoder-decoder model"),
+    }  # fmt: skip
+    for name, (value, reason) in reasons.items():
+        base_model, _ = load(llama_dir)
+        setattr(base_model.config, name, value)
+        assert shared_prefix_supported(SoftPromptModel(base_model, NUM_VIRTUAL, seed=0)) == (False, reason)
+    no_positions, _ = wrapped(llama_dir)
+    no_positions.takes_position_ids = False
+    assert shared_prefix_supported(no_positions) == (
+        False, "llama takes no position ids, so its positions would count the cache's slots"
+    )
+
+
+def test_batch_cost_counts_the_positions_and_matmuls_that_run(tmp_path):
+    from soft_prompt.tiny import save_tiny_model
+
+    model, _ = wrapped(save_tiny_model(tmp_path / "llama", "llama"))
+    base_model = model.base_model
+    vocab = base_model.config.vocab_size
+    # tiny Llama: 2 layers, width 32, 4 query heads and 2 key/value heads of 8, MLP 64
+    weights_per_layer = 32 * 32 + 2 * (32 * 16) + 32 * 32 + 3 * (32 * 64)
+    V, B, T, labelled = 5, 3, 7, 10
+    head = 2 * labelled * 32 * vocab
+    for shared_prefix, positions, pairs in [(False, B * (V + T), B * (V + T) ** 2), (True, V + B * T, V * V + B * T * (V + T))]:
+        linear, attention = 2 * 2 * weights_per_layer * positions, 4 * 32 * 2 * pairs
+        cost = batch_cost(base_model, V, B, T, labelled, shared_prefix, backward=False)
+        assert (cost.positions, cost.flops) == (positions, linear + attention + head)
+        trained = batch_cost(base_model, V, B, T, labelled, shared_prefix)
+        assert (trained.positions, trained.flops) == (positions, 2 * linear + 3 * attention + 2 * head)

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .data import IGNORE_INDEX, positions_from_mask
 from .generation import prefix_cache_problem
 from .loss import frozen_head_cross_entropy
+from .masks import IGNORE_INDEX, positions_from_mask
 
 if TYPE_CHECKING:
     from .model import SoftPromptModel

@@ -29,6 +29,7 @@ LAYERS = {
     "prompt_cache": CORE,
     "generation": CORE,
     "scoring": CORE,
+    "shared_prefix": CORE,
     "model": CORE,
     # services: what the commands share
     "data": SERVICES,

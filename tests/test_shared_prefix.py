@@ -5,7 +5,7 @@ import torch
 
 from soft_prompt import SoftPromptModel
 from soft_prompt.bloom_sdpa import use_sdpa_attention
-from soft_prompt.data import IGNORE_INDEX
+from soft_prompt.masks import IGNORE_INDEX
 from soft_prompt.shared_prefix import batch_cost, shared_prefix_loss, shared_prefix_supported
 from tests.conftest import load
 

@@ -107,11 +107,14 @@ def prompt_cache(model: SoftPromptModel, name: str):
     A prompt's keys and values do not depend on the text after it (causal attention), so they
     are computed once per prompt and recomputed only when that prompt changes: an in-place update
     (its version counter), a new tensor or device (its data pointer) or another compute dtype.
+    The prompt's parameters are what is watched: a reparameterized prompt (`reparam.py`) computes
+    its weight afresh at each read, from parameters that the optimizer updates in place.
     """
-    weight, base_model = model.prompts[name].weight, model.base_model
-    key = (weight._version, weight.data_ptr(), base_model.dtype)
+    prompt, base_model = model.prompts[name], model.base_model
+    key = (tuple((param._version, param.data_ptr()) for param in prompt.parameters()), base_model.dtype)
     cached = model._prompt_kv.get(name)
     if cached is None or cached[0] != key:
+        weight = prompt.weight
         inputs = {"inputs_embeds": weight[None].to(base_model.dtype)}  # [1, V, D]
         if model.takes_position_ids:
             inputs["position_ids"] = torch.arange(weight.shape[0], device=weight.device)[None]  # [1, V]

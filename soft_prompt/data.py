@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,14 +174,45 @@ def check_template_columns(template: str, rows: list[dict], source: str) -> None
         )
 
 
-def split_validation(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, validation): a seeded random `fraction` of the rows held out (at least one row)."""
+def split_validation(
+    rows: list[dict], fraction: float, seed: int, label_of: Callable[[dict], str] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """(train, validation): a seeded random `fraction` of the rows held out (at least one row).
+
+    With `label_of` (a row -> its label) the split is stratified: each label keeps its share of
+    the rows on both sides, up to one row (see `stratified_counts`)."""
     if fraction <= 0:
         return rows, []
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held_out = set(order[: max(1, round(fraction * len(rows)))])
+    count = max(1, round(fraction * len(rows)))
+    rng = random.Random(seed)
+    if label_of is None:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        held_out = set(order[:count])
+    else:
+        groups: dict[str, list[int]] = {}
+        for index, row in enumerate(rows):
+            groups.setdefault(str(label_of(row)), []).append(index)
+        groups = dict(sorted(groups.items()))  # the draws do not depend on the rows' order of labels
+        held_out = set()
+        quotas = stratified_counts([len(indices) for indices in groups.values()], count)
+        for indices, quota in zip(groups.values(), quotas):
+            rng.shuffle(indices)
+            held_out.update(indices[:quota])
     return [row for i, row in enumerate(rows) if i not in held_out], [row for i, row in enumerate(rows) if i in held_out]
+
+
+def stratified_counts(sizes: list[int], count: int) -> list[int]:
+    """How many of each group's rows to draw so that `count` rows in all keep the groups' shares:
+    each group's exact share rounded down, the rows left over going to the largest remainders
+    (the earlier group on a tie)."""
+    total = sum(sizes)
+    shares = [count * size / total for size in sizes]
+    counts = [math.floor(share) for share in shares]
+    by_remainder = sorted(range(len(sizes)), key=lambda g: -(shares[g] - counts[g]))
+    for group in by_remainder[: count - sum(counts)]:
+        counts[group] += 1
+    return counts
 
 
 # -- tokenisation -------------------------------------------------------------------------------

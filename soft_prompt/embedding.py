@@ -7,11 +7,12 @@ them to the frozen model's compute dtype only when it concatenates them with the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-INIT_STRATEGIES = ("random", "uniform", "text", "vocab")
+INIT_STRATEGIES = ("random", "uniform", "text", "vocab", "labels")
 TEXT_FILLS = ("pad", "repeat")
 # Lester et al. sample initial prompt tokens from the 5000 most common ids; sentencepiece
 # vocabularies are ordered by frequency, so "most common" is "the first 5000".
@@ -47,6 +48,38 @@ def text_init_ids(
     return ids + [tokenizer.pad_token_id] * (num_virtual_tokens - len(ids))
 
 
+def vocab_ids(word_embeddings: nn.Embedding, count: int, vocab_size: int | None, generator) -> list[int]:
+    """`count` ids drawn uniformly from the first `vocab_size` (default 5000) of the vocabulary."""
+    high = min(vocab_size or LESTER_VOCAB_SIZE, word_embeddings.num_embeddings)
+    return torch.randint(0, high, (count,), generator=generator).tolist()
+
+
+def embedding_rows(word_embeddings: nn.Embedding, ids: list[int]) -> torch.Tensor:
+    """A copy of the embedding matrix's rows for `ids`, `[len(ids), D]`."""
+    with torch.no_grad():
+        return word_embeddings.weight[torch.tensor(ids, device=word_embeddings.weight.device)].detach().clone()
+
+
+def label_embeddings(word_embeddings: nn.Embedding, tokenizer, label_words: Sequence[str] | None, num_virtual_tokens: int) -> torch.Tensor:
+    """`[L, D]`: each label word's mean token embedding (Lester et al. average a multi-token label)."""
+    if tokenizer is None:
+        raise ValueError("init='labels' needs a tokenizer: pass tokenizer=AutoTokenizer.from_pretrained(...)")
+    if not label_words:
+        raise ValueError("init='labels' needs the label words (--label-words)")
+    if len(label_words) > num_virtual_tokens:
+        raise ValueError(
+            f"init='labels' puts each of the {len(label_words)} label words on its own virtual token: "
+            f"pass --num-virtual-tokens {len(label_words)} or more"
+        )
+    rows = []
+    for word in label_words:
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"label word {word!r} tokenises to no tokens")
+        rows.append(embedding_rows(word_embeddings, ids).mean(dim=0))
+    return torch.stack(rows)
+
+
 class SoftPromptEmbedding(nn.Module):
     """`num_virtual_tokens` trainable vectors of the frozen model's embedding size, in fp32.
 
@@ -54,10 +87,13 @@ class SoftPromptEmbedding(nn.Module):
         num_virtual_tokens: V, the number of virtual tokens.
         embed_dim: D, the frozen model's input-embedding size.
         init: "random" (normal(0, 1), PEFT's RANDOM), "uniform" (U[-0.5, 0.5], Lester et al.),
-            "text" (rows of the embedding matrix for a text's tokens) or "vocab" (rows for ids
-            drawn uniformly from the first `vocab_size` ids).
-        word_embeddings: the frozen model's input embedding, needed by "text" and "vocab".
-        tokenizer, init_text, text_fill: for "text"; see `text_init_ids`.
+            "text" (rows of the embedding matrix for a text's tokens), "vocab" (rows for ids
+            drawn uniformly from the first `vocab_size` ids) or "labels" (Lester et al.'s class-label
+            init: virtual token i is the mean embedding of label word i's tokens; the rest are the
+            init text's rows when `init_text` is given, "vocab" rows otherwise).
+        word_embeddings: the frozen model's input embedding, needed by "text", "vocab" and "labels".
+        tokenizer, init_text, text_fill: for "text" (and "labels"); see `text_init_ids`.
+        label_words: for "labels": the label words, tokenised as written, without special tokens.
         vocab_size: for "vocab": draw from ids [0, vocab_size); default 5000 (Lester et al.),
             pass the full vocabulary size for PEFT's SAMPLE_VOCAB.
         seed: seeds the random draws ("random", "uniform", "vocab"); None uses torch's global RNG.
@@ -75,13 +111,14 @@ class SoftPromptEmbedding(nn.Module):
         text_fill: str = "pad",
         vocab_size: int | None = None,
         seed: int | None = None,
+        label_words: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
             raise ValueError(f"num_virtual_tokens must be an integer >= 1, got {num_virtual_tokens!r}")
         if init not in INIT_STRATEGIES:
             raise ValueError(f"unknown init {init!r}: choose one of {', '.join(INIT_STRATEGIES)}")
-        if init in ("text", "vocab") and word_embeddings is None:
+        if init in ("text", "vocab", "labels") and word_embeddings is None:
             raise ValueError(f"init={init!r} needs the frozen model's word_embeddings")
         self.num_virtual_tokens = num_virtual_tokens
         self.embed_dim = embed_dim
@@ -92,15 +129,19 @@ class SoftPromptEmbedding(nn.Module):
             weight = torch.randn(shape, generator=generator)
         elif init == "uniform":
             weight = torch.rand(shape, generator=generator) - 0.5
-        else:
-            if init == "text":
-                ids = text_init_ids(tokenizer, init_text, num_virtual_tokens, text_fill)
-                ids = torch.tensor(ids, dtype=torch.long)
+        elif init == "labels":
+            labels = label_embeddings(word_embeddings, tokenizer, label_words, num_virtual_tokens)  # [L, D]
+            rest = num_virtual_tokens - len(labels)
+            if rest == 0:
+                weight = labels
+            elif init_text is not None:
+                weight = torch.cat([labels, embedding_rows(word_embeddings, text_init_ids(tokenizer, init_text, rest, text_fill))])
             else:
-                high = min(vocab_size or LESTER_VOCAB_SIZE, word_embeddings.num_embeddings)
-                ids = torch.randint(0, high, (num_virtual_tokens,), generator=generator)
-            with torch.no_grad():
-                weight = word_embeddings.weight[ids.to(word_embeddings.weight.device)].detach().clone()
+                weight = torch.cat([labels, embedding_rows(word_embeddings, vocab_ids(word_embeddings, rest, vocab_size, generator))])
+        elif init == "text":
+            weight = embedding_rows(word_embeddings, text_init_ids(tokenizer, init_text, num_virtual_tokens, text_fill))
+        else:
+            weight = embedding_rows(word_embeddings, vocab_ids(word_embeddings, num_virtual_tokens, vocab_size, generator))
         self.weight = nn.Parameter(weight.to(device="cpu", dtype=torch.float32).contiguous())
 
     def forward(self, batch_size: int) -> torch.Tensor:

@@ -120,7 +120,7 @@ def batch_prompt_cache(model: SoftPromptModel, prompt_names: Sequence[str | None
     prompt_mask = model.prompt_mask(prompt_names, batch_size)  # [B, V]
     num_virtual = prompt_mask.shape[1]
     caches = {
-        name: model.prompt_cache.get(name, model.prompts[name].weight, model.base_model.dtype)
+        name: model.prompt_cache.get(name, model.prompts[name], model.base_model.dtype)
         for name in dict.fromkeys(prompt_names)
         if name is not None
     }

@@ -37,8 +37,8 @@ class SoftPromptModel(nn.Module):
     Args:
         base_model: any Hugging Face causal LM with `get_input_embeddings()`; all its parameters
             are frozen (`requires_grad=False`).
-        num_virtual_tokens, init, init_text, tokenizer, text_fill, vocab_size, seed: see
-            `SoftPromptEmbedding`.
+        num_virtual_tokens, init, init_text, tokenizer, text_fill, vocab_size, seed, label_words:
+            see `SoftPromptEmbedding`.
         metadata: extra facts saved with the checkpoint (template, label words, ...).
         name: the prompt's name.
 
@@ -59,6 +59,7 @@ class SoftPromptModel(nn.Module):
         seed: int | None = None,
         metadata: dict | None = None,
         name: str = DEFAULT_PROMPT,
+        label_words: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not hasattr(base_model, "get_input_embeddings") or base_model.get_input_embeddings() is None:
@@ -73,7 +74,7 @@ class SoftPromptModel(nn.Module):
         self.prompt_metadata: dict[str, dict] = {}
         self.add_prompt(
             name, num_virtual_tokens, init, init_text=init_text, text_fill=text_fill,
-            vocab_size=vocab_size, seed=seed, metadata=metadata,
+            vocab_size=vocab_size, seed=seed, metadata=metadata, label_words=label_words,
         )
         self.set_prompt(name)
         forward_arguments = inspect.signature(base_model.forward).parameters
@@ -268,6 +269,7 @@ class SoftPromptModel(nn.Module):
         vocab_size: int | None = None,
         seed: int | None = None,
         metadata: dict | None = None,
+        label_words: Sequence[str] | None = None,
     ) -> SoftPromptEmbedding:
         """A new prompt `name` beside the others, frozen until `set_prompt(name)`; the arguments
         are `SoftPromptEmbedding`'s (the model's tokenizer serves `init="text"`)."""
@@ -284,6 +286,7 @@ class SoftPromptModel(nn.Module):
             text_fill=text_fill,
             vocab_size=vocab_size,
             seed=seed,
+            label_words=label_words,
         ).to(word_embeddings.weight.device)
         try:
             self.prompts[name] = prompt.requires_grad_(False)
@@ -291,7 +294,7 @@ class SoftPromptModel(nn.Module):
             raise ValueError(f"{name!r} cannot name a prompt ({error})") from None
         self.prompt_metadata[name] = {
             "init": init,
-            "init_text": init_text if init == "text" else None,
+            "init_text": init_text if init in ("text", "labels") else None,
             "text_fill": text_fill,
             "seed": seed,
             **(metadata or {}),

@@ -2,8 +2,8 @@
 
 A prompt's keys and values do not depend on the text after it (causal attention), so generation
 and label scoring compute them once per prompt and reuse them for every batch. An entry is
-recomputed only when its prompt changed: an in-place update (the weight's version counter), a new
-tensor or device (its data pointer), or another compute dtype. The model owns one
+recomputed only when its prompt changed: an in-place update (a parameter's version counter), a
+new tensor or device (its data pointer), or another compute dtype. The model owns one
 (`SoftPromptModel.prompt_cache`); nothing outside this class touches its entries.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 
@@ -22,12 +23,15 @@ class PromptCache:
         self._compute = compute
         self._entries: dict[str, tuple[tuple, DynamicCache]] = {}  # name -> (what it was computed from, cache)
 
-    def get(self, name: str, weight: torch.Tensor, dtype: torch.dtype) -> DynamicCache:
-        """The cache of prompt `name` (`weight` `[V, D]`, run in `dtype`), computed if missing or stale."""
-        key = (weight._version, weight.data_ptr(), dtype)
+    def get(self, name: str, prompt: nn.Module, dtype: torch.dtype) -> DynamicCache:
+        """The cache of prompt `name` (its module, whose `weight` is `[V, D]`), run in `dtype`;
+        computed if missing or stale. The prompt's parameters are what is watched: a
+        reparameterized prompt (`reparam.py`) computes its weight afresh at each read, from
+        parameters that the optimizer updates in place."""
+        key = (tuple((param._version, param.data_ptr()) for param in prompt.parameters()), dtype)
         entry = self._entries.get(name)
         if entry is None or entry[0] != key:
-            entry = self._entries[name] = (key, self._compute(weight))
+            entry = self._entries[name] = (key, self._compute(prompt.weight))
         return entry[1]
 
     def invalidate(self, name: str) -> None:

@@ -103,7 +103,8 @@ def read_training_state(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]
         tensors = load_file(directory / STATE_TENSORS)
     except (SafetensorError, OSError, ValueError) as error:
         raise ValueError(f"{directory / STATE_TENSORS} is truncated or corrupt ({error}): {advice}") from None
-    moments = [name for name in tensors if name.startswith("optimizer.") and not name.endswith(".step")]
+    # The prompt is the optimizer's first parameter (a reparameterization's MLP follows it).
+    moments = [name for name in tensors if name.startswith("optimizer.0.") and not name.endswith(".step")]
     if "rng.torch" not in tensors or any(
         tensors[name].shape[:1] != (state["num_virtual_tokens"],) for name in moments
     ):

@@ -7,7 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from soft_prompt.data import batch_order, check_template_columns, collate, Example, load_rows, split_batch, split_validation, tokenize_row, tokenize_rows
+from soft_prompt.data import (
+    Example,
+    batch_order,
+    check_template_columns,
+    collate,
+    load_rows,
+    split_batch,
+    split_validation,
+    stratified_counts,
+    tokenize_row,
+    tokenize_rows,
+)
 from soft_prompt.masks import IGNORE_INDEX
 from soft_prompt.templates import label_words_of
 from soft_prompt.tiny import build_tokenizer
@@ -184,6 +195,24 @@ def test_validation_split_is_seeded_and_disjoint():
     assert sorted(row["i"] for row in train + held_out) == list(range(20))
     assert split_validation(rows, 0.25, seed=3) == (train, held_out)
     assert split_validation(rows, 0.0, seed=3) == (rows, [])
+
+
+def test_stratified_split_keeps_label_shares():
+    # 60 "a", 30 "b", 10 "c": a 20% split holds 12 / 6 / 2.
+    rows = [{"i": i, "label": "a" if i % 10 < 6 else "b" if i % 10 < 9 else "c"} for i in range(100)]
+    train, held_out = split_validation(rows, 0.2, seed=3, label_of=lambda row: row["label"])
+    assert [sum(row["label"] == label for row in held_out) for label in "abc"] == [12, 6, 2]
+    assert [sum(row["label"] == label for row in train) for label in "abc"] == [48, 24, 8]
+    assert sorted(row["i"] for row in train + held_out) == list(range(100))
+    assert split_validation(rows, 0.2, seed=3, label_of=lambda row: row["label"]) == (train, held_out)
+    assert split_validation(rows, 0.2, seed=4, label_of=lambda row: row["label"])[1] != held_out
+
+
+def test_stratified_counts_give_leftover_rows_to_the_largest_remainders():
+    # ETHOS' 347 / 251 rows at 20%: 69.4 and 50.2, 120 in all -> the 0.4 gets the leftover row.
+    assert stratified_counts([347, 251], 120) == [70, 50]
+    assert stratified_counts([1, 1, 1], 2) == [1, 1, 0]  # equal remainders: the earlier groups
+    assert stratified_counts([5, 5], 10) == [5, 5]
 
 
 def test_label_words_are_the_last_fields_values_when_few():

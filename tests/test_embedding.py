@@ -81,6 +81,55 @@ def test_vocab_draws_seeded_ids_below_the_limit(bloom):
     assert torch.equal(default.weight.detach(), table[expected_ids])
 
 
+LABELS = ["no hate speech", "hate speech"]
+
+
+def test_labels_put_each_label_words_mean_embedding_on_a_token(bloom):
+    model, tokenizer = bloom
+    table = model.get_input_embeddings().weight.detach()
+    means = [table[tokenizer(word, add_special_tokens=False)["input_ids"]].mean(0) for word in LABELS]
+    assert all(len(tokenizer(word, add_special_tokens=False)["input_ids"]) > 1 for word in LABELS)  # a mean, not a row
+    common = dict(word_embeddings=word_embeddings(model), tokenizer=tokenizer, label_words=LABELS)
+    # The rest: vocabulary rows drawn as "vocab" draws them, ...
+    prompt = SoftPromptEmbedding(5, 32, "labels", seed=5, vocab_size=50, **common)
+    drawn = torch.randint(0, 50, (3,), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(prompt.weight.detach(), torch.cat([torch.stack(means), table[drawn]]))
+    # ... or the init text's first rows.
+    text_ids = tokenizer(INIT_TEXT, add_special_tokens=False)["input_ids"][:3]
+    prompt = SoftPromptEmbedding(5, 32, "labels", init_text=INIT_TEXT, **common)
+    assert torch.equal(prompt.weight.detach(), torch.cat([torch.stack(means), table[text_ids]]))
+    assert torch.equal(SoftPromptEmbedding(2, 32, "labels", **common).weight.detach(), torch.stack(means))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(label_words=None), "needs the label words"),
+        (dict(label_words=["a", "b", "c"], num_virtual_tokens=2), "pass --num-virtual-tokens 3 or more"),
+        (dict(tokenizer=None), "init='labels' needs a tokenizer"),
+    ],
+)
+def test_labels_init_errors_name_the_fix(bloom, kwargs, message):
+    model, tokenizer = bloom
+    arguments = dict(num_virtual_tokens=4, embed_dim=32, init="labels", word_embeddings=word_embeddings(model),
+                     tokenizer=tokenizer, label_words=LABELS)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        SoftPromptEmbedding(**arguments)
+
+
+def test_the_model_makes_a_labels_prompt(bloom):
+    from soft_prompt import SoftPromptModel
+
+    model, tokenizer = bloom
+    wrapper = SoftPromptModel(model, num_virtual_tokens=4, init="labels", tokenizer=tokenizer, label_words=LABELS,
+                              init_text="the cat", seed=1)
+    direct = SoftPromptEmbedding(4, 32, "labels", word_embeddings=word_embeddings(model), tokenizer=tokenizer,
+                                 label_words=LABELS, init_text="the cat", seed=1)
+    assert torch.equal(wrapper.prompt.weight, direct.weight)
+    assert wrapper.metadata["init"] == "labels" and wrapper.metadata["init_text"] == "the cat"
+
+
 def test_forward_is_a_view_of_the_fp32_weight():
     prompt = SoftPromptEmbedding(3, 8, seed=0)
     batch = prompt(4)

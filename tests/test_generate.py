@@ -134,9 +134,9 @@ def test_prompt_cache_keeps_one_entry_per_prompt_and_forgets_a_replaced_one(shar
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # Llama's are grouped
     per_position = config.num_hidden_layers * 2 * kv_heads * head_dim * 4  # keys and values, fp32
     assert cache.size() == (V + (V + 1)) * per_position
-    default = cache.get("default", wrapper.prompts["default"].weight, model.dtype)
-    assert cache.get("default", wrapper.prompts["default"].weight, model.dtype) is default  # not recomputed
-    assert cache.get("default", wrapper.prompts["default"].weight, torch.bfloat16) is not default  # another dtype
+    default = cache.get("default", wrapper.prompts["default"], model.dtype)
+    assert cache.get("default", wrapper.prompts["default"], model.dtype) is default  # not recomputed
+    assert cache.get("default", wrapper.prompts["default"], torch.bfloat16) is not default  # another dtype
     wrapper.delete_prompt("other")
     assert cache.size() == V * per_position
     cache.clear()

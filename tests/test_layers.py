@@ -29,6 +29,9 @@ LAYERS = {
     "prompt_cache": CORE,
     "generation": CORE,
     "scoring": CORE,
+    "calibration": CORE,
+    "calibrate_model": CORE,
+    "reparam": CORE,
     "shared_prefix": CORE,
     "model": CORE,
     # services: what the commands share

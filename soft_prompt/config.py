@@ -49,7 +49,10 @@ class ModelConfig:
                   "choices": (AUTO, *PRECISIONS)},
     )
     precision: str = field(
-        default="fp32", metadata={"help": "autocast compute dtype (fp16 adds a GradScaler)", "choices": PRECISIONS}
+        default=AUTO,
+        metadata={"help": "autocast compute dtype (fp16 adds a GradScaler); auto: bf16 where the device runs it "
+                          "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp32 elsewhere",
+                  "choices": (AUTO, *PRECISIONS)},
     )
     device: str = field(default="auto", metadata={"help": "auto = cuda, then mps, then cpu", "choices": DEVICES})
     attention: str = field(
@@ -67,6 +70,12 @@ class ModelConfig:
         default=False,
         metadata={"help": "under torchrun: shard the frozen transformer blocks across the processes (FSDP2); "
                           "the prompt, input embedding and LM head stay whole on each"},
+    )
+    shared_prefix: bool = field(
+        default=True,
+        metadata={"help": "run the prompt's V positions once per micro-batch and the rows' text against their keys "
+                          "and values (equal loss and gradient, less work); --no-shared-prefix runs [P][x] for every "
+                          "row. Models or modes that cannot take it run the plain path (train_config.json says why)"},
     )
 
 
@@ -250,15 +259,20 @@ def validate(config: TrainConfig) -> None:
         check_label_words(data.label_words, "--label-words")
 
 
-def resolve_automatic(config: TrainConfig, device_type: str) -> dict:
-    """Replace the fields left at `auto` by their values on `device_type` ("cpu", "cuda", "mps");
-    returns {field: value} of those, which `train_config.json` records under "automatic".
+def resolve_automatic(config: TrainConfig, device_type: str, native_bf16: bool) -> dict:
+    """Replace the fields left at `auto` by their values on `device_type` ("cpu", "cuda", "mps"),
+    which runs bf16 natively or not; returns {field: value} of those, which `train_config.json`
+    records under "automatic".
 
-    --model-dtype auto is the --precision dtype: autocast casts every weight to it at each matmul
-    anyway, so storing it so saves the casts and half the weight memory. --max-batch-tokens auto is
-    `CPU_MAX_BATCH_TOKENS` on CPU and 0 (never split) on a GPU, whose throughput needs whole batches.
+    --precision auto is bf16 where the device runs it natively and fp32 elsewhere (the prompt and its
+    optimizer state stay fp32 either way). --model-dtype auto is the --precision dtype: autocast
+    casts every weight to it at each matmul anyway, so storing it so saves the casts and half the
+    weight memory. --max-batch-tokens auto is `CPU_MAX_BATCH_TOKENS` on CPU and 0 (never split) on a
+    GPU, whose throughput needs whole batches.
     """
     automatic = {}
+    if config.model.precision == AUTO:
+        config.model.precision = automatic["precision"] = "bf16" if native_bf16 else "fp32"
     if config.model.model_dtype == AUTO:
         config.model.model_dtype = automatic["model_dtype"] = config.model.precision
     if config.optim.max_batch_tokens == AUTO:

@@ -9,17 +9,26 @@ from .data import Example, collate
 from .distributed import World
 from .masks import IGNORE_INDEX
 from .model import SoftPromptModel
+from .shared_prefix import shared_prefix_loss, shared_prefix_supported
 
 
 @torch.no_grad()
 def mean_eval_loss(
-    model: SoftPromptModel, examples: list[Example], batch_size: int, autocast, pad_token_id: int, world: World = World()
+    model: SoftPromptModel,
+    examples: list[Example],
+    batch_size: int,
+    autocast,
+    pad_token_id: int,
+    world: World = World(),
+    shared_prefix: bool = True,
 ) -> float:
     """The mean loss per labelled token over `examples` (longest rows first, to pad little); under
-    torchrun each rank evaluates its share of each batch and the sums are combined. The model is
-    left in the mode it came in."""
+    torchrun each rank evaluates its share of each batch and the sums are combined. The prompt runs
+    once per batch (`shared_prefix.py`) where that is exact in eval mode, unless `shared_prefix`
+    is False. The model is left in the mode it came in."""
     was_training = model.training
     model.eval()
+    loss_fn = shared_prefix_loss if shared_prefix and shared_prefix_supported(model)[0] else SoftPromptModel.loss
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
     total, count = 0.0, 0
     for start in range(0, len(order), batch_size):
@@ -30,7 +39,7 @@ def mean_eval_loss(
         batch = collate([examples[i] for i in rows or order[start : start + 1]], pad_token_id)
         batch = {key: value.to(model.device) for key, value in batch.items()}
         with autocast():
-            loss = model.loss(**batch)
+            loss = loss_fn(model, **batch)
         labelled = int((batch["labels"] != IGNORE_INDEX).sum()) if counted else 0
         total, count = total + loss.item() * labelled, count + labelled
     model.train(was_training)

@@ -5,6 +5,7 @@ cache) that change speed and memory, never results beyond round-off."""
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -51,6 +52,21 @@ def limit_kernel_cache() -> None:
     far fewer than 32. It takes effect only if the process has run no 16-bit CPU matmul yet, and a
     value set in the environment is kept."""
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 matmuls natively: a CUDA device with bf16, or a CPU with
+    AVX512-BF16 or AMX (its flags in /proc/cpuinfo; a CPU elsewhere counts as not). Elsewhere bf16
+    is emulated, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
 def pick_device(name: str) -> torch.device:

@@ -52,7 +52,8 @@ from .evaluation import mean_eval_loss, prompt_drift
 from .files import check_output_folder, json_bytes, write_atomic
 from .masks import IGNORE_INDEX
 from .model import SoftPromptModel
-from .runtime import DTYPES, apply_speed_options, limit_kernel_cache, load_base_model, pick_device
+from .shared_prefix import shared_prefix_loss, shared_prefix_supported
+from .runtime import DTYPES, apply_speed_options, limit_kernel_cache, load_base_model, native_bf16, pick_device
 from .templates import label_words_of
 from .training_state import (
     TrainState,
@@ -345,18 +346,20 @@ def train_step(
     autocast,
     max_grad_norm: float,
     world: World = World(),
+    loss_fn: Callable[..., torch.Tensor] = SoftPromptModel.loss,
 ) -> tuple[float, float, bool]:
     """One optimizer step over collated micro-batches: forward and backward, each micro-batch's mean
     loss times its weight (its share of the step's labelled tokens, so the gradient is that of the
     mean over all of them, however the step is cut), the sum over the ranks, clip, AdamW. A step
     whose loss or gradient is not finite leaves the prompt as it was. Returns (loss, gradient norm
-    before clipping, finite), the same on every rank."""
+    before clipping, finite), the same on every rank. `loss_fn(model, **batch)` is the mean loss of a
+    micro-batch: `SoftPromptModel.loss`, or `shared_prefix_loss` (equal, less work)."""
     step_loss = torch.zeros((), device=model.device)
     for batch, weight in zip(micro_batches, weights):
         batch = {key: value.to(model.device, non_blocking=True) for key, value in batch.items()}
         with autocast():
             # = model(**batch).loss, without materialising the [B, V + T, vocab] logits
-            loss = model.loss(**batch) * weight
+            loss = loss_fn(model, **batch) * weight
         scaler.scale(loss).backward()
         step_loss += loss.detach()
     params = [model.prompt.weight]
@@ -377,6 +380,16 @@ def train_step(
     return step_loss, grad_norm, finite
 
 
+def training_loss(model: SoftPromptModel, shared_prefix: bool) -> tuple[Callable[..., torch.Tensor], str]:
+    """(the loss function the loop runs, what train_config.json's "automatic" says of it): the
+    shared-prefix path where it was asked for and equals the plain one on this model in training
+    mode, else `SoftPromptModel.loss`, with the reason."""
+    if not shared_prefix:
+        return SoftPromptModel.loss, "plain (--no-shared-prefix)"
+    supported, reason = shared_prefix_supported(model)
+    return (shared_prefix_loss, "shared prefix") if supported else (SoftPromptModel.loss, f"plain ({reason})")
+
+
 def save_last(run: Run) -> None:
     """`last/`: the prompt, the prompt before training and all the loop needs to resume
     (`training_state_files`)."""
@@ -395,7 +408,8 @@ def evaluate_and_keep_best(run: Run) -> None:
     """Evaluate (every rank), log it and save `best/` when the eval loss is the lowest so far
     (rank 0)."""
     model, state = run.model, run.state
-    eval_loss = mean_eval_loss(model, run.eval_examples, run.config.optim.batch_size, run.autocast, run.pad_token_id, run.world)
+    eval_loss = mean_eval_loss(model, run.eval_examples, run.config.optim.batch_size, run.autocast, run.pad_token_id,
+                               run.world, shared_prefix=run.config.model.shared_prefix)
     state.eval_loss = eval_loss
     is_best = state.best_eval_loss is None or eval_loss < state.best_eval_loss
     if is_best:
@@ -446,6 +460,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     autocast: Callable
+    loss_fn: Callable[..., torch.Tensor]  # (model, input_ids, attention_mask, labels) -> the mean loss
     state: TrainState
     total_steps: int
     batches_per_epoch: int
@@ -464,7 +479,8 @@ def setup(config: TrainConfig) -> Run:
     limit_kernel_cache()
     world, device = init_world(pick_device(model_cfg.device))
     model_cfg.device = device.type
-    automatic = resolve_automatic(config, device.type)  # --model-dtype, --max-batch-tokens; --attention below
+    # --precision, --model-dtype, --max-batch-tokens; --attention and the loss path below
+    automatic = resolve_automatic(config, device.type, native_bf16(device))
     if model_cfg.fsdp and world.size == 1:
         raise ValueError("--fsdp shards the frozen model across torchrun's processes: start it with "
                          "torchrun --nproc_per_node=N (N >= 2), or drop --fsdp")
@@ -486,6 +502,7 @@ def setup(config: TrainConfig) -> Run:
     # The prompt reads embedding rows (text and vocab init) before any weight is sharded.
     model, initial_weight = build_soft_prompt_model(config, base_model, tokenizer, resume_dir, resumed["step"] if resumed else None)
     check_fits_context(train_examples + eval_examples, prompt_cfg.num_virtual_tokens, model.context_length)
+    loss_fn, automatic["loss_path"] = training_loss(model, model_cfg.shared_prefix)
     metrics_path = output_dir / "metrics.jsonl"
     kept_metrics = metrics_up_to(metrics_path, resumed["step"]) if resumed else None
 
@@ -520,7 +537,7 @@ def setup(config: TrainConfig) -> Run:
         open_metrics(metrics_path, kept_metrics)
     return Run(
         config, world, device, output_dir, model, initial_weight, tokenizer.pad_token_id, train_examples,
-        eval_examples, optimizer, scaler, autocast, state, total_steps, batches_per_epoch,
+        eval_examples, optimizer, scaler, autocast, loss_fn, state, total_steps, batches_per_epoch,
     )  # fmt: skip
 
 
@@ -556,7 +573,7 @@ def loop(run: Run) -> dict:
             )
             micro_batches = [collate([run.train_examples[i] for i in piece], run.pad_token_id) for piece in pieces]
             step_loss, grad_norm, finite = train_step(
-                model, run.optimizer, run.scaler, micro_batches, weights, run.autocast, optim.max_grad_norm, world
+                model, run.optimizer, run.scaler, micro_batches, weights, run.autocast, optim.max_grad_norm, world, run.loss_fn
             )
             window_tokens += sum(lengths[i] for indices in group for i in indices)  # every rank's rows
             state.count_step(step_loss, finite)

@@ -134,7 +134,7 @@ def run_dir(tmp_path_factory) -> Path:
     config = resolve_config({
         "model": save_tiny_model(folder / "model", "llama"), "data": str(data), "template": HATE, "init": "text",
         "init_text": HATE_INIT_TEXT, "num_virtual_tokens": 4, "loss_on": "completion", "val_fraction": 0.25,
-        "batch_size": 6, "epochs": 2, "lr": 0.3, "output_dir": str(folder / "run"), "seed": 3,
+        "batch_size": 6, "epochs": 2, "lr": 0.3, "output_dir": str(folder / "run"), "seed": 3, "precision": "fp32",
     })  # fmt: skip
     train(config)
     return folder

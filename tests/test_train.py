@@ -130,7 +130,8 @@ def test_micro_batches_and_accumulation_give_the_gradient_of_the_whole_batch(blo
     """A step's loss is the mean over all its labelled tokens, however the step is cut: 8-row batches
     whole, cut into micro-batches by --max-batch-tokens (a number, or auto on CPU, here made small),
     or as 2 accumulated batches of 4 (the same rows: without length grouping a batch of 8 is two
-    consecutive batches of 4)."""
+    consecutive batches of 4). On the plain path in fp32, whose loss calls it counts (the shared-prefix
+    path's micro-batches are tests/test_shared_prefix.py's)."""
     monkeypatch.setattr("soft_prompt.config.CPU_MAX_BATCH_TOKENS", 60)
     original_loss, calls = SoftPromptModel.loss, []
 
@@ -145,7 +146,7 @@ def test_micro_batches_and_accumulation_give_the_gradient_of_the_whole_batch(blo
         output_dir = tmp_path / name
         arguments = ["--model", bloom_dir, "--data", jsonl, "--template", HATE, "--output-dir", str(output_dir),
                      "--num-virtual-tokens", "4", "--epochs", "1", "--seed", "3", "--save-every", "0",
-                     "--no-group-by-length", *extra]
+                     "--no-group-by-length", "--no-shared-prefix", "--precision", "fp32", *extra]
         assert train.main(arguments) == 0
         return prompt(output_dir / "last"), losses(output_dir), len(calls)
 
@@ -159,12 +160,13 @@ def test_micro_batches_and_accumulation_give_the_gradient_of_the_whole_batch(blo
         torch.testing.assert_close(step_losses, whole_losses, rtol=1e-5, atol=0)
         torch.testing.assert_close(weight, whole, rtol=1e-5, atol=1e-6)
     automatic = json.loads((tmp_path / "auto" / "train_config.json").read_text())["automatic"]
-    assert automatic == {"model_dtype": "fp32", "max_batch_tokens": 60, "attention": "eager"}  # BLOOM loads eager
+    assert automatic == {"model_dtype": "fp32", "max_batch_tokens": 60, "attention": "eager",  # BLOOM loads eager
+                         "loss_path": "plain (--no-shared-prefix)"}
 
 
 def test_a_non_finite_step_is_skipped_and_counted(bloom_dir, jsonl, tmp_path, monkeypatch):
     nan_loss_on(monkeypatch, {1, 2})  # the first step's two micro-batches
-    config = resolve_config(parse_args(args(bloom_dir, jsonl, tmp_path, "--max-steps", "2")))
+    config = resolve_config(parse_args(args(bloom_dir, jsonl, tmp_path, "--max-steps", "2", "--no-shared-prefix")))
     summary = train.train(config)
     assert summary["skipped_steps"] == 1 and summary["steps"] == 2
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -174,7 +176,7 @@ def test_a_non_finite_step_is_skipped_and_counted(bloom_dir, jsonl, tmp_path, mo
 
 def test_non_finite_steps_in_a_row_stop_the_run(bloom_dir, jsonl, tmp_path, monkeypatch, capsys):
     nan_loss_on(monkeypatch, None)
-    assert train.main(args(bloom_dir, jsonl, tmp_path, "--max-bad-steps", "2")) == 1
+    assert train.main(args(bloom_dir, jsonl, tmp_path, "--max-bad-steps", "2", "--no-shared-prefix")) == 1
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("train.py: stopped: the loss or gradient was not finite for 2 steps in a row")
 
@@ -193,7 +195,7 @@ def test_mixed_precision_keeps_an_fp32_prompt(precision, model_dtype, weights, b
         return original_loss(self, *a, **k)
 
     monkeypatch.setattr(SoftPromptModel, "loss", loss)
-    extra = ["--precision", precision, "--model-dtype", model_dtype, "--max-steps", "2", "--device", "cpu"]
+    extra = ["--precision", precision, "--model-dtype", model_dtype, "--max-steps", "2", "--device", "cpu", "--no-shared-prefix"]
     assert train.main(args(bloom_dir, jsonl, tmp_path, *extra)) == 0
     assert set(seen) == {weights}
     weight = prompt(tmp_path / "last")
@@ -260,19 +262,21 @@ def test_every_field_has_its_flag_and_presets_yield_to_flags():
 
 
 @pytest.mark.parametrize(
-    "flags, device, expected, automatic",
+    "flags, device, native_bf16, expected, automatic",
     [
-        ([], "cpu", (512, "fp32"), {"model_dtype": "fp32", "max_batch_tokens": 512}),
-        (["--precision", "bf16"], "cuda", (0, "bf16"), {"model_dtype": "bf16", "max_batch_tokens": 0}),
-        (["--precision", "fp16"], "mps", (0, "fp16"), {"model_dtype": "fp16", "max_batch_tokens": 0}),
-        (["--max-batch-tokens", "300", "--precision", "bf16", "--model-dtype", "fp32"], "cpu", (300, "fp32"), {}),
-        (["--max-batch-tokens", "0", "--model-dtype", "bf16"], "cpu", (0, "bf16"), {}),
+        ([], "cpu", False, (512, "fp32", "fp32"), {"precision": "fp32", "model_dtype": "fp32", "max_batch_tokens": 512}),
+        ([], "cpu", True, (512, "bf16", "bf16"), {"precision": "bf16", "model_dtype": "bf16", "max_batch_tokens": 512}),
+        ([], "cuda", True, (0, "bf16", "bf16"), {"precision": "bf16", "model_dtype": "bf16", "max_batch_tokens": 0}),
+        (["--precision", "bf16"], "cuda", False, (0, "bf16", "bf16"), {"model_dtype": "bf16", "max_batch_tokens": 0}),
+        (["--precision", "fp16"], "mps", False, (0, "fp16", "fp16"), {"model_dtype": "fp16", "max_batch_tokens": 0}),
+        (["--max-batch-tokens", "300", "--precision", "bf16", "--model-dtype", "fp32"], "cpu", True, (300, "fp32", "bf16"), {}),
+        (["--max-batch-tokens", "0", "--model-dtype", "bf16", "--precision", "fp32"], "cpu", True, (0, "bf16", "fp32"), {}),
     ],
 )
-def test_automatic_fields_resolve_from_the_device_and_precision(flags, device, expected, automatic):
+def test_automatic_fields_resolve_from_the_device_and_precision(flags, device, native_bf16, expected, automatic):
     config = resolve_config(parse_args(["--data", "d.jsonl", "--template", HATE, *flags]))
-    assert resolve_automatic(config, device) == automatic
-    assert (config.optim.max_batch_tokens, config.model.model_dtype) == expected
+    assert resolve_automatic(config, device, native_bf16) == automatic
+    assert (config.optim.max_batch_tokens, config.model.model_dtype, config.model.precision) == expected
 
 
 def test_group_by_length_can_be_turned_off_and_batch_tokens_must_be_auto_or_a_number(capsys):

@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM
 
 from soft_prompt import SoftPromptModel
+from soft_prompt.runtime import native_bf16
 from soft_prompt.tiny import demo_rows, save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,8 +53,10 @@ def test_cli_trains_and_writes_the_run_folder(tmp_path):
     assert config["optim"]["lr"] == 3e-2 and config["optim"]["batch_size"] == 4
     assert config["data"]["label_words"] == ["hate speech", "no hate speech"]  # the last field's values
     assert config["model"]["device"] == "cpu"
-    assert config["automatic"] == {"model_dtype": "fp32", "max_batch_tokens": 512, "attention": "eager"}  # on this CPU
-    assert (config["model"]["model_dtype"], config["optim"]["max_batch_tokens"], config["data"]["group_by_length"]) == ("fp32", 512, True)
+    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"  # --precision auto on this CPU
+    assert config["automatic"] == {"precision": precision, "model_dtype": precision, "max_batch_tokens": 512,
+                                   "attention": "eager", "loss_path": "shared prefix"}  # BLOOM: no dropout
+    assert (config["model"]["model_dtype"], config["optim"]["max_batch_tokens"], config["data"]["group_by_length"]) == (precision, 512, True)
     assert config["model"]["attention"] == "eager"  # auto, resolved like the fields above
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)

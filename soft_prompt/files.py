@@ -88,7 +88,8 @@ def png_bytes(figure, dpi: int) -> bytes:
 
 def check_output_folder(directory: str | os.PathLike, what: str) -> None:
     """Refuse, before any work and creating nothing, a folder that cannot be written: a file
-    where it or a parent folder would be, or no permission to write where it would be created.
+    where it or a parent folder would be, a read-only file system, or no permission to write where
+    it would be created.
     `what` starts the one-line ValueError, e.g. "--output-dir runs/x"."""
     existing = Path(directory)
     while not existing.exists():  # ends at "." or "/" at the latest
@@ -96,6 +97,8 @@ def check_output_folder(directory: str | os.PathLike, what: str) -> None:
     if not existing.is_dir():
         raise ValueError(f"{what}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            raise ValueError(f"{what}: {existing} is on a read-only file system")
         raise ValueError(f"{what}: no permission to write in {existing}")
 
 

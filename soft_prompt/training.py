@@ -582,7 +582,7 @@ def loop(run: Run) -> dict:
         total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.is_main
     )
     interrupted, stop_signal = False, 0
-    with StopRequest(world) as stop:
+    with StopRequest(world) as stop, progress:  # the bar is closed before any error line is printed
         while state.step < run.total_steps:
             if state.batch_in_epoch == 0:
                 state.epoch_loss_sum, state.epoch_steps = 0.0, 0
@@ -602,7 +602,6 @@ def loop(run: Run) -> dict:
             window_tokens += sum(lengths[i] for indices in group for i in indices)  # every rank's rows
             state.count_step(step_loss, finite)
             if state.bad_steps_in_a_row >= optim.max_bad_steps:
-                progress.close()
                 raise TrainingDiverged(
                     f"the loss or gradient was not finite for {optim.max_bad_steps} steps in a row (up to step "
                     f"{state.step + 1}): lower --lr, or use --precision bf16/fp32 instead of fp16"
@@ -645,7 +644,6 @@ def loop(run: Run) -> dict:
             if stopping and not last_step:
                 interrupted = True
                 break
-    progress.close()
     tokens_seen += window_tokens
     train_seconds = time.perf_counter() - loop_started  # the loop alone: no loading, no setup
     return {

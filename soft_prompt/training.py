@@ -12,6 +12,7 @@ A run folder holds:
     loss_curve.png      train and eval loss (when matplotlib is installed)
     best/               the prompt with the lowest eval loss so far (and the prompt before training)
     last/               the latest prompt, plus the training state to resume from (`training_state.py`)
+    .lock               held by the live run (`run_lock.py`): one run at a time writes the folder
 """
 
 from __future__ import annotations
@@ -566,8 +567,8 @@ def setup(config: TrainConfig, held: contextlib.ExitStack) -> Run:
 
 
 def loop(run: Run) -> dict:
-    """The training loop: optimizer steps until `run.total_steps` (or a Ctrl-C, which finishes the
-    step and saves `last/`), logging, evaluating and saving as the configuration says. Returns the
+    """The training loop: optimizer steps until `run.total_steps` (or a Ctrl-C or SIGTERM, which
+    finishes the step and saves `last/`), logging, evaluating and saving as the configuration says. Returns the
     summary (without the setup's seconds)."""
     optim, run_cfg, data_cfg = run.config.optim, run.config.run, run.config.data
     model, state, world = run.model, run.state, run.world

@@ -272,7 +272,7 @@ def prepare_output_dir(
     takes its lock into `held` (one live run per folder), and writes the demo's generated inputs.
     Nothing else in the run folder is written here: every other input is checked before, so a
     rejected run leaves an existing run as it was."""
-    prompt_cfg, data_cfg, run = config.prompt, config.data, config.run
+    data_cfg, run = config.data, config.run
     resume_dir = find_resume_dir(run.resume) if run.resume else None
     if run.output_dir is None:
         resumed_run = resume_dir.parent if resume_dir and resume_dir.name == "last" else None

@@ -5,7 +5,6 @@ the disk faults use a small tmpfs, mounted when the tests run as root (skipped e
 
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import matplotlib
 
+from .files import make_folder, png_bytes, write_atomic
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
@@ -14,7 +16,7 @@ import matplotlib.ticker  # noqa: E402
 
 def save(figure, path: Path) -> Path:
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    write_atomic(path, png_bytes(figure, dpi=80))
     plt.close(figure)
     return path
 
@@ -101,7 +103,7 @@ def plot_drift(figures: dict, path: Path) -> Path:
 def write_plots(figures: dict, directory: str | Path) -> list[Path]:
     """Every plot the figures allow, into `directory`; returns the paths written."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_folder(directory)
     written = [plot_norms(figures, directory / "norms.png"), plot_similarity(figures, directory / "similarity.png")]
     if figures.get("data"):
         written.append(plot_ablation(figures, directory / "ablation.png"))

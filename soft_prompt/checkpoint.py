@@ -15,14 +15,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .files import json_bytes
+from .files import json_bytes, make_folder, new_sibling, writing
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT checkpoints (pickle; loaded weights_only)
@@ -45,26 +44,30 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 
 def write_directory_atomic(directory: str | os.PathLike, files: dict[str, bytes]) -> None:
-    """Replace `directory` by one holding exactly `files`, never leaving a half-written mix."""
+    """Replace `directory` by one holding exactly `files`, never leaving a half-written mix: a
+    failure (a `WriteError`, e.g. no space left) leaves the previous directory whole."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} is a file, not a directory: choose another output path")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
-        for name, data in files.items():
-            with open(staging / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+    make_folder(directory.parent)
+    with writing(directory):
+        staging = new_sibling(directory, folder=True)
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        if directory.exists():
-            os.replace(directory, old)  # between these two renames the old copy is still whole
-        os.replace(staging, directory)
+        try:
+            for name, data in files.items():
+                with open(staging / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            if directory.exists():
+                os.replace(directory, old)  # between these two renames the old copy is still whole
+            os.replace(staging, directory)
+        except BaseException:
+            if old.exists() and not directory.exists():
+                os.replace(old, directory)  # the second rename failed: put the previous one back
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def peft_adapter_config(base_model: torch.nn.Module, num_virtual_tokens: int, metadata: dict) -> dict:

@@ -56,11 +56,13 @@ class World:
             dist.all_reduce(tensor)
         return tensor
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank when it is true on one (e.g. a Ctrl-C seen by some ranks only)."""
+    def max(self, value: int, device: torch.device) -> int:
+        """The largest of the ranks' `value`s, on every rank (e.g. a signal some ranks only received)."""
         if self.size == 1:
-            return flag
-        return bool(self.sum_(torch.tensor([float(flag)], device=device)).item())
+            return value
+        tensor = torch.tensor([value], device=device, dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -12,11 +12,14 @@ A run folder holds:
     loss_curve.png      train and eval loss (when matplotlib is installed)
     best/               the prompt with the lowest eval loss so far (and the prompt before training)
     last/               the latest prompt, plus the training state to resume from (`training_state.py`)
+    .lock               held by the live run (`run_lock.py`): one run at a time writes the folder
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -49,18 +52,23 @@ from .data import (
 )
 from .distributed import World, init_world, shard_frozen_model
 from .evaluation import mean_eval_loss, prompt_drift
-from .files import check_output_folder, json_bytes, write_atomic
+from .files import WriteError, append_text, check_output_folder, json_bytes, png_bytes, write_atomic, writing
 from .masks import IGNORE_INDEX
 from .model import SoftPromptModel
-from .shared_prefix import shared_prefix_loss, shared_prefix_supported
+from .run_lock import RunLock
 from .runtime import DTYPES, apply_speed_options, limit_kernel_cache, load_base_model, native_bf16, pick_device
+from .shared_prefix import shared_prefix_loss, shared_prefix_supported
 from .templates import label_words_of
 from .training_state import (
+    STATE_JSON,
     TrainState,
+    check_resume_rows,
+    check_resume_settings,
     find_resume_dir,
     metrics_up_to,
     read_training_state,
     restore_training_state,
+    rows_sha256,
     training_state_files,
 )
 
@@ -80,21 +88,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def prepare_demo(output_dir: Path, model: str, data: str | None) -> tuple[str, str]:
-    """For `--task demo`: write the tiny model (when `model` is `tiny-bloom`) and the generated
-    ETHOS-shaped rows (when no `--data`) into the run folder; returns (model, data) to use."""
+def demo_inputs(output_dir: Path, model: str, data: str | None) -> dict[str, str]:
+    """For `--task demo`: what to generate into the run folder, by the field it fills: the tiny
+    model (when `model` is `tiny-bloom`) and ETHOS-shaped rows (when no `--data`)."""
+    inputs = {}
+    if model == TINY_MODEL:
+        inputs["model"] = str(output_dir / "demo-model")
+    if data is None:
+        inputs["data"] = str(output_dir / "demo-data.jsonl")
+    return inputs
+
+
+def write_demo_inputs(inputs: dict[str, str]) -> None:
+    """Generate the inputs `demo_inputs` named (a tiny model already there is kept)."""
     from .tiny import demo_rows, save_tiny_model
 
-    if model == TINY_MODEL:
-        model = str(output_dir / "demo-model")
-        if not (Path(model) / "config.json").is_file():
-            # At the usual init (std 0.02) a 32-wide random model's output hardly depends on its
-            # input, so a prompt cannot steer it; std 0.3 leaves the demo something to learn.
-            save_tiny_model(model, "bloom", initializer_range=0.3)
-    if data is None:
-        data = str(output_dir / "demo-data.jsonl")
-        write_atomic(data, "".join(json.dumps(row) + "\n" for row in demo_rows(256)).encode())
-    return model, data
+    if "model" in inputs and not (Path(inputs["model"]) / "config.json").is_file():
+        # At the usual init (std 0.02) a 32-wide random model's output hardly depends on its
+        # input, so a prompt cannot steer it; std 0.3 leaves the demo something to learn.
+        with writing(inputs["model"]):
+            save_tiny_model(inputs["model"], "bloom", initializer_range=0.3)
+    if "data" in inputs:
+        write_atomic(inputs["data"], "".join(json.dumps(row) + "\n" for row in demo_rows(256)).encode())
 
 
 def load_data_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
@@ -156,33 +171,45 @@ def lr_at(step: int, lr: float, scheduler: str, warmup_steps: int, total_steps: 
 
 
 class StopRequest:
-    """The first Ctrl-C asks the loop to stop at the next step boundary (so `last/` is exact);
-    a second one interrupts at once. Under torchrun every Ctrl-C only asks (torchrun passes the
+    """The first Ctrl-C (SIGINT) or SIGTERM (what SLURM, Kubernetes and `docker stop` send before
+    killing) asks the loop to stop at the next step boundary, so that `last/` is exact; a second
+    one aborts at once (the handlers before ours are back: KeyboardInterrupt for SIGINT, the
+    default kill for SIGTERM). Under torchrun every signal only asks (torchrun passes the
     terminal's Ctrl-C on as a second SIGINT, and kills ranks that have not ended 30 s later)."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self, world: World = World()) -> None:
-        self.requested = False
+        self.signal: int | None = None  # the first signal received
         self.world = world
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def __enter__(self):
         self.installed = threading.current_thread() is threading.main_thread()
         if self.installed:
-            self.previous = signal.signal(signal.SIGINT, self.handle)
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
         return self
 
     def handle(self, signum, frame) -> None:
         if self.requested:
             return
-        self.requested = True
+        self.signal = signum
         if self.world.size == 1:
-            signal.signal(signal.SIGINT, self.previous)
+            self.restore()
         if self.world.is_main:
-            again = " (Ctrl-C again to abort)" if self.world.size == 1 else ""
-            print(f"\nstopping after this step: saving last/{again}", file=sys.stderr)
+            again = f" ({signal.Signals(signum).name} again to abort)" if self.world.size == 1 else ""
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, saving last/{again}", file=sys.stderr)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
     def __exit__(self, *exc) -> None:
         if self.installed:
-            signal.signal(signal.SIGINT, self.previous)
+            self.restore()
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -210,7 +237,7 @@ def write_loss_curve(output_dir: Path) -> Path | None:
     axes.legend()
     figure.tight_layout()
     path = output_dir / "loss_curve.png"
-    figure.savefig(path, dpi=100)
+    write_atomic(path, png_bytes(figure, dpi=100))
     plt.close(figure)
     return path
 
@@ -226,13 +253,27 @@ def peak_memory_mib(device: torch.device) -> float:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(config: TrainConfig) -> tuple[Path, Path | None, dict | None]:
+def position_settings(config: TrainConfig) -> dict:
+    """The settings the saved data position depends on (`training_state.POSITION_FLAGS`)."""
+    model, prompt, data, optim, run = config.model, config.prompt, config.data, config.optim, config.run
+    return {
+        "model": model.model, "num_virtual_tokens": prompt.num_virtual_tokens, "batch_size": optim.batch_size,
+        "grad_accum": optim.grad_accum, "seed": run.seed, "max_length": data.max_length, "template": data.template,
+        "group_by_length": data.group_by_length,
+    }  # fmt: skip
+
+
+def prepare_output_dir(
+    config: TrainConfig, world: World, held: contextlib.ExitStack
+) -> tuple[Path, Path | None, dict | None]:
     """(the run folder, the `last/` to resume from or None, its saved training state or None).
     Fills in the default `--output-dir` and, for `--task demo`, the generated model and data;
-    refuses a damaged resume state and a resume of a run with another model or prompt length.
-    Nothing in the run folder is written here (but the demo's generated inputs): every input is
-    checked before, so a rejected run leaves an existing run as it was."""
-    model_cfg, prompt_cfg, data_cfg, run = config.model, config.prompt, config.data, config.run
+    refuses a damaged resume state and a resume with other settings than the saved position
+    depends on (`position_settings`). Then rank 0 creates the run folder (the folder alone) and
+    takes its lock into `held` (one live run per folder), and writes the demo's generated inputs.
+    Nothing else in the run folder is written here: every other input is checked before, so a
+    rejected run leaves an existing run as it was."""
+    data_cfg, run = config.data, config.run
     resume_dir = find_resume_dir(run.resume) if run.resume else None
     if run.output_dir is None:
         resumed_run = resume_dir.parent if resume_dir and resume_dir.name == "last" else None
@@ -240,15 +281,15 @@ def prepare_output_dir(config: TrainConfig) -> tuple[Path, Path | None, dict | N
     output_dir = Path(run.output_dir)
     check_output_folder(output_dir, f"--output-dir {output_dir}")
     resumed = read_training_state(resume_dir)[0] if resume_dir else None
-    if data_cfg.task == "demo":  # the demo's inputs are generated into the run folder
-        output_dir.mkdir(parents=True, exist_ok=True)
-        model_cfg.model, data_cfg.data = prepare_demo(output_dir, model_cfg.model, data_cfg.data)
-    if resumed and (resumed["model"], resumed["num_virtual_tokens"]) != (model_cfg.model, prompt_cfg.num_virtual_tokens):
-        raise ValueError(
-            f"--resume {run.resume} was trained with --model {resumed['model']} --num-virtual-tokens "
-            f"{resumed['num_virtual_tokens']}; this run asks for --model {model_cfg.model} --num-virtual-tokens "
-            f"{prompt_cfg.num_virtual_tokens}: pass the same ones, or start a new --output-dir without --resume"
-        )
+    demo = demo_inputs(output_dir, config.model.model, data_cfg.data) if data_cfg.task == "demo" else {}
+    config.model.model, data_cfg.data = demo.get("model", config.model.model), demo.get("data", data_cfg.data)
+    if resumed:
+        warning = check_resume_settings(run.resume, resumed, position_settings(config))
+        if warning and world.is_main:
+            print(warning, file=sys.stderr)
+    if world.is_main:
+        held.enter_context(RunLock.take(output_dir))
+        write_demo_inputs(demo)
     return output_dir, resume_dir, resumed
 
 
@@ -295,15 +336,11 @@ def build_soft_prompt_model(
 def open_metrics(path: Path, kept_lines: list[str] | None) -> None:
     """Empty metrics.jsonl for a new run; a resumed one keeps `kept_lines` (`metrics_up_to`: the
     lines up to the step it saved; the later ones will be logged again)."""
-    if kept_lines is None:
-        path.write_text("")
-        return
-    write_atomic(path, "".join(line + "\n" for line in kept_lines).encode())
+    write_atomic(path, "".join(line + "\n" for line in kept_lines or []).encode())
 
 
 def log_metrics(path: Path, line: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(line) + "\n")
+    append_text(path, json.dumps(line) + "\n")
 
 
 def rank_micro_batches(
@@ -428,7 +465,8 @@ def report(summary: dict, output_dir: Path, total_steps: int) -> None:
     curve of a finished run."""
     if summary["interrupted"]:
         print(
-            f"interrupted at step {summary['steps']} of {total_steps}: saved {output_dir / 'last'}; "
+            f"interrupted ({signal.Signals(summary['signal']).name}) at step {summary['steps']} of {total_steps}: "
+            f"saved {output_dir / 'last'}; "
             f"continue with the same arguments and --resume {output_dir}",
             file=sys.stderr,
         )
@@ -470,10 +508,11 @@ class Run:
         return self.output_dir / "metrics.jsonl"
 
 
-def setup(config: TrainConfig) -> Run:
+def setup(config: TrainConfig, held: contextlib.ExitStack) -> Run:
     """Resolve a copy of `config` (the `auto` fields, the preset's demo inputs, the output folder),
     check every input, load the data and the model, and open the run folder: the run's state,
-    ready for `loop`. The caller's `config` is left as it was."""
+    ready for `loop`. The run folder's lock is taken into `held` (rank 0), which the caller closes
+    when the run ends. The caller's `config` is left as it was."""
     config = copy.deepcopy(config)
     model_cfg, prompt_cfg, data_cfg, optim, run = config.model, config.prompt, config.data, config.optim, config.run
     limit_kernel_cache()
@@ -484,8 +523,8 @@ def setup(config: TrainConfig) -> Run:
     if model_cfg.fsdp and world.size == 1:
         raise ValueError("--fsdp shards the frozen model across torchrun's processes: start it with "
                          "torchrun --nproc_per_node=N (N >= 2), or drop --fsdp")
-    with world.main_first():  # rank 0 writes the demo model and data, the others read them
-        output_dir, resume_dir, resumed = prepare_output_dir(config)
+    with world.main_first():  # rank 0 locks the run folder and writes the demo model and data, the others read them
+        output_dir, resume_dir, resumed = prepare_output_dir(config, world, held)
 
     # Data before the model, so that bad data fails fast.
     seed_everything(run.seed)
@@ -498,6 +537,8 @@ def setup(config: TrainConfig) -> Run:
     if model_cfg.attention == AUTO:
         model_cfg.attention = automatic["attention"] = attention
     train_examples, eval_examples = tokenize_data(config, tokenizer, train_rows, eval_rows)
+    if resumed:
+        check_resume_rows(run.resume, resumed, train_examples)
 
     # The prompt reads embedding rows (text and vocab init) before any weight is sharded.
     model, initial_weight = build_soft_prompt_model(config, base_model, tokenizer, resume_dir, resumed["step"] if resumed else None)
@@ -508,7 +549,6 @@ def setup(config: TrainConfig) -> Run:
 
     # Every input is accepted: from here on the run folder is written.
     if world.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
         parallelism = "fsdp" if model_cfg.fsdp else "data" if world.size > 1 else "none"
         resolved = {**config.to_dict(), "world_size": world.size, "parallelism": parallelism, "automatic": automatic}
         write_atomic(output_dir / "train_config.json", json_bytes(resolved))
@@ -528,9 +568,11 @@ def setup(config: TrainConfig) -> Run:
     batches_per_epoch = math.ceil(len(train_examples) / optim.batch_size)
     total_steps = optim.max_steps or optim.epochs * math.ceil(batches_per_epoch / optim.grad_accum)
     # The data position is global (batches of the global order), so a run resumes on any number of ranks.
-    state = TrainState(model=model_cfg.model, num_virtual_tokens=prompt_cfg.num_virtual_tokens)
+    # What the data position means is saved with it (and added to a resumed older state).
+    meaning = {**position_settings(config), "train_rows": len(train_examples), "train_rows_sha256": rows_sha256(train_examples)}
+    state = TrainState(**meaning)
     if resume_dir:
-        state = TrainState.from_dict(restore_training_state(resume_dir, optimizer, scaler))
+        state = dataclasses.replace(TrainState.from_dict(restore_training_state(resume_dir, optimizer, scaler)), **meaning)
         if world.is_main:
             print(f"resuming {resume_dir} at step {state.step} of {total_steps}", file=sys.stderr)
     if world.is_main:
@@ -542,8 +584,8 @@ def setup(config: TrainConfig) -> Run:
 
 
 def loop(run: Run) -> dict:
-    """The training loop: optimizer steps until `run.total_steps` (or a Ctrl-C, which finishes the
-    step and saves `last/`), logging, evaluating and saving as the configuration says. Returns the
+    """The training loop: optimizer steps until `run.total_steps` (or a Ctrl-C or SIGTERM, which
+    finishes the step and saves `last/`), logging, evaluating and saving as the configuration says. Returns the
     summary (without the setup's seconds)."""
     optim, run_cfg, data_cfg = run.config.optim, run.config.run, run.config.data
     model, state, world = run.model, run.state, run.world
@@ -557,8 +599,8 @@ def loop(run: Run) -> dict:
     progress = tqdm(
         total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.is_main
     )
-    interrupted = False
-    with StopRequest(world) as stop:
+    interrupted, stop_signal = False, 0
+    with StopRequest(world) as stop, progress:  # the bar is closed before any error line is printed
         while state.step < run.total_steps:
             if state.batch_in_epoch == 0:
                 state.epoch_loss_sum, state.epoch_steps = 0.0, 0
@@ -578,7 +620,6 @@ def loop(run: Run) -> dict:
             window_tokens += sum(lengths[i] for indices in group for i in indices)  # every rank's rows
             state.count_step(step_loss, finite)
             if state.bad_steps_in_a_row >= optim.max_bad_steps:
-                progress.close()
                 raise TrainingDiverged(
                     f"the loss or gradient was not finite for {optim.max_bad_steps} steps in a row (up to step "
                     f"{state.step + 1}): lower --lr, or use --precision bf16/fp32 instead of fp16"
@@ -614,13 +655,13 @@ def loop(run: Run) -> dict:
             eval_due = (state.step % run_cfg.eval_every == 0) if run_cfg.eval_every else end_of_epoch
             if run.eval_examples and (eval_due or last_step):
                 evaluate_and_keep_best(run)
-            stopping = world.any(stop.requested, run.device)  # every rank stops after the same step
+            stop_signal = world.max(stop.signal or 0, run.device)  # every rank stops after the same step
+            stopping = stop_signal > 0
             if world.is_main and ((run_cfg.save_every and state.step % run_cfg.save_every == 0) or last_step or stopping):
                 save_last(run)
             if stopping and not last_step:
                 interrupted = True
                 break
-    progress.close()
     tokens_seen += window_tokens
     train_seconds = time.perf_counter() - loop_started  # the loop alone: no loading, no setup
     return {
@@ -633,6 +674,7 @@ def loop(run: Run) -> dict:
         "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
         "peak_memory_mib": peak_memory_mib(run.device),
         "interrupted": interrupted,
+        "signal": stop_signal if interrupted else None,  # the one that stopped it: SIGINT or SIGTERM
         "output_dir": str(run.output_dir),
     }
 
@@ -649,9 +691,16 @@ def train(config: TrainConfig) -> dict:
     share; rank 0 alone writes the run folder and prints.
     """
     started = time.perf_counter()
-    run = setup(config)
-    summary = loop(run)
-    summary["seconds"] = time.perf_counter() - started
-    if run.world.is_main:
-        report(summary, run.output_dir, run.total_steps)
+    with contextlib.ExitStack() as held:  # the run folder's lock, from setup to the end
+        run = setup(config, held)
+        try:
+            summary = loop(run)
+            summary["seconds"] = time.perf_counter() - started
+            if run.world.is_main:
+                report(summary, run.output_dir, run.total_steps)
+        except WriteError as error:
+            if (run.output_dir / "last" / STATE_JSON).is_file():
+                raise WriteError(f"{error}; {run.output_dir / 'last'} is whole: once there is room, continue with the "
+                                 f"same arguments and --resume {run.output_dir}") from None
+            raise
     return summary

@@ -11,8 +11,10 @@ Every file read back is checked: a truncated or damaged one is a one-line ValueE
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +23,26 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .files import json_bytes
-from .data import read_lines
+from .data import Example, read_lines
 
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 # What `training_state_files` writes into STATE_JSON beside the loop's counters (TrainState's fields).
 STATE_EXTRA_KEYS = frozenset({"scaler", "rng_python", "rng_numpy"})
+# What the saved data position means, with the flag that sets each: a run resumes only with the same.
+POSITION_FLAGS = {
+    "model": "--model",
+    "num_virtual_tokens": "--num-virtual-tokens",
+    "batch_size": "--batch-size",  # the global batch, so a run may resume on another number of ranks
+    "grad_accum": "--grad-accum",
+    "seed": "--seed",
+    "max_length": "--max-length",
+    "template": "--template",
+    "group_by_length": "--group-by-length",
+}
+# TrainState's fields that older training states lack: they resume with a warning, unchecked.
+ADDED_FIELDS = frozenset({"batch_size", "grad_accum", "seed", "max_length", "template", "group_by_length",
+                          "train_rows", "train_rows_sha256"})
 
 
 @dataclasses.dataclass
@@ -36,6 +52,16 @@ class TrainState:
 
     model: str
     num_virtual_tokens: int
+    # The settings the data position depends on (POSITION_FLAGS), and the training rows: their
+    # count and the sha256 of their token ids (`rows_sha256`). None in states saved before them.
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    seed: int | None = None
+    max_length: int | None = None
+    template: str | None = None
+    group_by_length: bool | None = None
+    train_rows: int | None = None
+    train_rows_sha256: str | None = None
     step: int = 0  # optimizer steps done
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of the current epoch already trained on
@@ -48,7 +74,7 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, saved: dict) -> "TrainState":
-        return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls)})
+        return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls) if field.name in saved})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,7 +121,7 @@ def read_training_state(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]
         state = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
         raise ValueError(f"{directory / STATE_JSON} is truncated or corrupt ({error}): {advice}") from None
-    expected = STATE_EXTRA_KEYS | {field.name for field in dataclasses.fields(TrainState)}
+    expected = STATE_EXTRA_KEYS | {field.name for field in dataclasses.fields(TrainState)} - ADDED_FIELDS
     missing = expected - set(state) if isinstance(state, dict) else expected
     if missing:
         raise ValueError(f"{directory / STATE_JSON} lacks {sorted(missing)}: it is damaged or not ours; {advice}")
@@ -136,6 +162,61 @@ def restore_training_state(directory: Path, optimizer: torch.optim.Optimizer, sc
     name, keys, *rest = state["rng_numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
     return {key: value for key, value in state.items() if key not in ("scaler", "rng_python", "rng_numpy")}
+
+
+def rows_sha256(examples: list[Example]) -> str:
+    """sha256 of the training rows' token ids, each prefixed by its length: the rows the saved
+    data position counts through."""
+    digest = hashlib.sha256()
+    for example in examples:
+        ids = np.asarray(example.input_ids, dtype=np.int64)
+        digest.update(len(ids).to_bytes(8, "little") + ids.tobytes())
+    return digest.hexdigest()
+
+
+def flag_text(name: str, value) -> str:
+    """A setting as the command line gives it: `--batch-size 8`, `--no-group-by-length`."""
+    flag = POSITION_FLAGS[name]
+    if isinstance(value, bool):
+        return flag if value else flag.replace("--", "--no-", 1)
+    return f"{flag} {shlex.quote(str(value))}"
+
+
+def check_resume_settings(resume: str, saved: dict, settings: dict) -> str | None:
+    """Refuse, as a one-line ValueError naming each setting that differs and both values, to resume
+    a run saved with other `settings` (POSITION_FLAGS' fields) than this one: its data position
+    would point at other rows. Returns a warning to print when the saved state (from an older
+    version) does not record some of them or the training rows, else None."""
+    unrecorded = [name for name in settings if saved.get(name) is None]
+    differ = [name for name in settings if name not in unrecorded and saved[name] != settings[name]]
+    if differ:
+        raise ValueError(
+            f"--resume {resume} was trained with {' '.join(flag_text(name, saved[name]) for name in differ)}; this run "
+            f"asks for {' '.join(flag_text(name, settings[name]) for name in differ)}: pass the same ones, or start a new "
+            "--output-dir without --resume"
+        )
+    unchecked = [POSITION_FLAGS[name] for name in unrecorded]
+    if saved.get("train_rows_sha256") is None:
+        unchecked.append("the training rows")
+    if not unchecked:
+        return None
+    return (f"warning: --resume {resume}: its training state (from an older version) does not record "
+            f"{', '.join(unchecked)}: they are not checked, so keep them as they were")
+
+
+def check_resume_rows(resume: str, saved: dict, examples: list[Example]) -> None:
+    """Refuse, as a one-line ValueError, to resume on other training rows than the run saved with
+    (rows added, removed or changed; another --val-fraction split): its data position would point
+    at other rows. A state saved before the rows were recorded is not checked (`check_resume_settings` warns)."""
+    if saved.get("train_rows_sha256") is None:
+        return
+    count, digest = len(examples), rows_sha256(examples)
+    if (saved["train_rows"], saved["train_rows_sha256"]) != (count, digest):
+        raise ValueError(
+            f"--resume {resume} was trained on {saved['train_rows']} rows (token ids sha256 "
+            f"{saved['train_rows_sha256'][:12]}); this run has {count} rows (sha256 {digest[:12]}): the training "
+            "rows changed; train on the same ones, or start a new --output-dir without --resume"
+        )
 
 
 def metrics_up_to(path: Path, step: int) -> list[str]:

@@ -33,6 +33,8 @@ def files(tmp_path_factory) -> Path:
     rows = demo_rows(16)
     contents = {
         "rows.jsonl": jsonl(rows),
+        "more-rows.jsonl": jsonl(rows + rows[:1]),  # a row appended
+        "edited-rows.jsonl": jsonl({**row, "text": row["text"] + "!"} for row in rows),
         "empty.jsonl": "",
         "blank.jsonl": "\n\n",
         "broken.jsonl": jsonl(rows[:1]) + '{"text": "a", "label_text": "hate speech"\n' + jsonl(rows[1:]),
@@ -165,6 +167,19 @@ TRAIN_ROWS = [
      "training_state.safetensors does not hold this run's optimizer and RNG state"),
     (["--resume", "@RUN"], lambda run: (run / "metrics.jsonl").write_text("{oops\n" + (run / "metrics.jsonl").read_text()),
      2, "metrics.jsonl:1: not a metrics line"),
+    # resume: what the saved data position depends on
+    (["--resume", "@RUN", "--batch-size", "2"], None, 2,
+     "was trained with --batch-size 4; this run asks for --batch-size 2: pass the same ones"),
+    (["--resume", "@RUN", "--grad-accum", "2"], None, 2, "was trained with --grad-accum 1; this run asks for --grad-accum 2"),
+    (["--resume", "@RUN", "--seed", "2"], None, 2, "was trained with --seed 1; this run asks for --seed 2"),
+    (["--resume", "@RUN", "--max-length", "64"], None, 2, "was trained with --max-length 256; this run asks for --max-length 64"),
+    (["--resume", "@RUN", "--template", "Text : {text} Label : {label_text}"], None, 2,
+     "was trained with --template 'Sentence : {text} Label : {label_text}'; this run asks for --template "
+     "'Text : {text} Label : {label_text}'"),
+    (["--resume", "@RUN", "--no-group-by-length"], None, 2,
+     "was trained with --group-by-length; this run asks for --no-group-by-length"),
+    (["--resume", "@RUN", "--data", "@more-rows.jsonl"], None, 2, "was trained on 12 rows (token ids sha256 "),
+    (["--resume", "@RUN", "--data", "@edited-rows.jsonl"], None, 2, "this run has 12 rows (sha256 "),
 ]  # fmt: skip
 
 
@@ -206,13 +221,30 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_crash(run_folder, bloom_dir,
     assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3]
 
 
+def test_resume_of_a_state_from_before_the_position_checks_warns_and_runs(run_folder, bloom_dir, files, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_folder, run)
+    state = json.loads((run / f"{STATE}.json").read_text())
+    added = ("batch_size", "grad_accum", "seed", "max_length", "template", "group_by_length", "train_rows", "train_rows_sha256")
+    (run / f"{STATE}.json").write_text(json.dumps({key: value for key, value in state.items() if key not in added}))
+    argv = train_args(bloom_dir, str(files / "rows.jsonl"), run, "--max-steps", "3", "--resume", str(run))
+    assert train.main(argv) == 0
+    assert (
+        f"warning: --resume {run}: its training state (from an older version) does not record --batch-size, "
+        "--grad-accum, --seed, --max-length, --template, --group-by-length, the training rows: they are not checked, "
+        "so keep them as they were"
+    ) in capsys.readouterr().err.splitlines()
+    saved = json.loads((run / f"{STATE}.json").read_text())
+    assert {key: saved[key] for key in added} == {key: state[key] for key in added}  # recorded again
+
+
 def test_train_end_to_end_bad_data_is_one_line_without_traceback(files, tmp_path):
     result = run_cli("--data", str(files / "broken.jsonl"), "--template", HATE, "--output-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"train.py: error: {files / 'broken.jsonl'}:2: not JSON (Expecting ',' delimiter, column 42)"
     ]
-    assert not (tmp_path / "run").exists()
+    assert [path.name for path in (tmp_path / "run").iterdir()] == [".lock"]  # the folder and its lock, taken first
 
 
 # -- infer.py -------------------------------------------------------------------------------------

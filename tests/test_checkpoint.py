@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from soft_prompt import CheckpointError, SoftPromptModel
 from soft_prompt.checkpoint import CONFIG_NAME, METADATA_NAME, WEIGHTS_NAME, tensor_sha256
+from soft_prompt.files import WriteError
 from tests.conftest import load
 
 V = 4
@@ -84,15 +85,35 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(bloom, bloom
     def crash_on_second_file(fd):
         calls.append(fd)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", crash_on_second_file)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match=f"^cannot write {tmp_path / 'ckpt'}: No space left on device \\(ENOSPC\\)$"):
         wrapper.save_pretrained(tmp_path / "ckpt")
     monkeypatch.undo()
     assert {name: (tmp_path / "ckpt" / name).read_bytes() for name in os.listdir(tmp_path / "ckpt")} == before
     assert os.listdir(tmp_path) == ["ckpt"]  # no staging folder left behind
     SoftPromptModel.from_pretrained(load(bloom_dir)[0], tmp_path / "ckpt")  # still loads
+
+
+def test_a_failed_swap_puts_the_previous_checkpoint_back(bloom, bloom_dir, tmp_path, monkeypatch):
+    wrapper = trained_wrapper(bloom)
+    wrapper.save_pretrained(tmp_path / "ckpt")
+    before = {name: (tmp_path / "ckpt" / name).read_bytes() for name in os.listdir(tmp_path / "ckpt")}
+    replace, calls = os.replace, []
+
+    def fail_second_rename(source, target):
+        calls.append(target)
+        if len(calls) == 2:  # the staged folder into place, after the old one was moved aside
+            raise OSError(5, "Input/output error")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", fail_second_rename)
+    with pytest.raises(WriteError, match="Input/output error \\(EIO\\)$"):
+        wrapper.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.undo()
+    assert {name: (tmp_path / "ckpt" / name).read_bytes() for name in os.listdir(tmp_path / "ckpt")} == before
+    assert os.listdir(tmp_path) == ["ckpt"]
 
 
 def test_saving_over_an_existing_checkpoint_replaces_it(bloom, bloom_dir, tmp_path):

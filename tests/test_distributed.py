@@ -1,5 +1,6 @@
 """torchrun on the CPU (gloo): 2 ranks train the prompt 1 process trains, in data-parallel and in
---fsdp mode; a run resumes on another number of ranks; a killed rank ends the run.
+--fsdp mode; a run resumes on another number of ranks; a killed rank ends the run; SIGTERM to
+torchrun stops every rank after the same step and rank 0 saves.
 
 The 2-rank runs share one torchrun launch (this file run as a script trains each argument list in
 turn), since starting 2 Python processes with torch costs more than the tiny runs themselves."""
@@ -158,6 +159,32 @@ def test_a_killed_rank_ends_the_run_and_last_stays_loadable(setup, tmp_path):
     state = json.loads((output_dir / "last" / "training_state.json").read_text())
     weight, metadata = load_checkpoint(output_dir / "last", AutoModelForCausalLM.from_pretrained(setup["models"]["bloom"]))
     assert metadata["step"] == state["step"] >= 1 and torch.isfinite(weight).all()
+
+
+def test_sigterm_to_torchrun_stops_the_ranks_after_one_step_and_the_run_resumes_on_one_process(setup, tmp_path):
+    model_dir, data = setup["models"]["bloom"], setup["data"]
+    output_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
+    argv = args(model_dir, data, output_dir, "--epochs", "6")  # 24 steps
+    launcher = subprocess.Popen(torchrun("train.py", *argv), cwd=ROOT, env=rank_env(), stdout=subprocess.DEVNULL,
+                                stderr=log.open("w"), start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not ((output_dir / "metrics.jsonl").is_file() and '"loss"' in (output_dir / "metrics.jsonl").read_text()):
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)  # as a scheduler does; torchrun sends it on to the ranks
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:  # torchrun and its ranks
+            os.killpg(launcher.pid, signal.SIGKILL)
+    step = json.loads((output_dir / "last" / "training_state.json").read_text())["step"]
+    assert 1 <= step < 24
+    assert f"interrupted (SIGTERM) at step {step} of 24: saved {output_dir / 'last'}" in log.read_text()
+
+    reference = tmp_path / "reference"
+    assert train.main(args(model_dir, data, reference, "--epochs", "6")) == 0
+    assert train.main(argv + ["--resume", str(output_dir)]) == 0
+    assert_same_training(output_dir, reference, initial_prompt(model_dir))
 
 
 if __name__ == "__main__":  # under torchrun, from `two_rank_runs`: train each argument list in turn

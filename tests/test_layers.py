@@ -25,6 +25,7 @@ LAYERS = {
     "masks": CORE,
     "templates": CORE,
     "files": CORE,
+    "run_lock": CORE,
     "checkpoint": CORE,
     "prompt_cache": CORE,
     "generation": CORE,

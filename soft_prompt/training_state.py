@@ -27,6 +27,8 @@ STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 # What `training_state_files` writes into STATE_JSON beside the loop's counters (TrainState's fields).
 STATE_EXTRA_KEYS = frozenset({"scaler", "rng_python", "rng_numpy"})
+# TrainState fields added later: a run saved before them resumes with their defaults.
+ADDED_FIELDS = frozenset({"best_score", "evals_without_improvement"})
 
 
 @dataclasses.dataclass
@@ -45,10 +47,12 @@ class TrainState:
     eval_loss: float | None = None
     skipped_steps: int = 0
     bad_steps_in_a_row: int = 0
+    best_score: float | None = None  # the best --best-metric so far (what best/ holds)
+    evals_without_improvement: int = 0  # evaluations since it improved (--patience)
 
     @classmethod
     def from_dict(cls, saved: dict) -> "TrainState":
-        return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls)})
+        return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls) if field.name in saved})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,7 +99,7 @@ def read_training_state(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]
         state = json.loads((directory / STATE_JSON).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
         raise ValueError(f"{directory / STATE_JSON} is truncated or corrupt ({error}): {advice}") from None
-    expected = STATE_EXTRA_KEYS | {field.name for field in dataclasses.fields(TrainState)}
+    expected = STATE_EXTRA_KEYS | {field.name for field in dataclasses.fields(TrainState)} - ADDED_FIELDS
     missing = expected - set(state) if isinstance(state, dict) else expected
     if missing:
         raise ValueError(f"{directory / STATE_JSON} lacks {sorted(missing)}: it is damaged or not ours; {advice}")

@@ -554,8 +554,8 @@ def check_label_setup(config: TrainConfig, eval_rows: list[dict], automatic: dic
     if classify.best_metric == AUTO:
         classify.best_metric = automatic["best_metric"] = "macro_f1" if labels else "eval_loss"
     if not labels:
-        if classify.best_metric != "eval_loss" or classify.calibration != "none" or config.prompt.ensemble > 1:
-            raise ValueError("--best-metric accuracy/macro_f1, --calibration and --ensemble score label words: pass "
+        if classify.best_metric != "eval_loss" or classify.calibration != "none":
+            raise ValueError("--best-metric accuracy/macro_f1 and --calibration score label words: pass "
                              "--label-words (the template's last field had more than 20 distinct values)")
         return
     last = template_fields(config.data.template)[-1]

@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     classification.add_argument("--eval", help="a labelled .jsonl (the template's fields): accuracy, macro-F1, confusion "
                                 "matrix, tuned and base; implies --classify")
     classification.add_argument("--metrics", default="eval_metrics.json", help="where --eval writes its figures as JSON")
+    classification.add_argument("--calibration", choices=["checkpoint", "none"], default="checkpoint",
+                                help="checkpoint (default): apply the calibration train.py stored with each prompt; "
+                                "none: the raw summed log-probabilities (--eval reports both)")
+    classification.add_argument("--vote", action="store_true",
+                                help="an ensemble's prompts decide by majority vote instead of their mean label log-probability")
     options = parser.parse_args(argv)
     try:
         check_options(options)

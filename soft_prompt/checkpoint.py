@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .files import json_bytes, make_folder, new_sibling, writing
+from .files import json_bytes, make_folder, new_sibling, write_atomic, writing
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # older PEFT checkpoints (pickle; loaded weights_only)
@@ -55,6 +55,7 @@ def write_directory_atomic(directory: str | os.PathLike, files: dict[str, bytes]
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
         try:
             for name, data in files.items():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)  # "member/file": a checkpoint inside
                 with open(staging / name, "wb") as f:
                     f.write(data)
                     f.flush()
@@ -129,6 +130,12 @@ def save_checkpoint(
         initial_weight = initial_weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
         files[INITIAL_PROMPT_NAME] = save({PROMPT_KEY: initial_weight}, metadata={"format": "pt"})
     write_directory_atomic(directory, files)
+
+
+def update_metadata(directory: str | os.PathLike, fields: dict) -> None:
+    """Add `fields` to a checkpoint's soft_prompt.json, rewritten atomically; the prompt is untouched."""
+    path = Path(directory) / METADATA_NAME
+    write_atomic(path, json_bytes({**read_json(path), **fields}))
 
 
 def load_initial_prompt(directory: str | os.PathLike) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .calibration import CALIBRATIONS, FIT_METRICS, LABEL_SCORES
 from .templates import check_label_words, template_fields
 from .embedding import INIT_STRATEGIES, TEXT_FILLS
 
@@ -24,6 +25,8 @@ CPU_MAX_BATCH_TOKENS = 512
 SCHEDULERS = ("linear", "cosine", "constant")
 LOSS_SCOPES = ("all", "completion")
 DEVICES = ("auto", "cuda", "mps", "cpu")
+REPARAMS = ("none", "residual")
+BEST_METRICS = (AUTO, "eval_loss", *FIT_METRICS)  # auto: macro_f1 with label words, else eval_loss
 HATE_INIT_TEXT = "Indicates whether the sentence contains hate speech or not"
 
 
@@ -88,17 +91,33 @@ class PromptConfig:
         default="pad", metadata={"help": "fill a short --init-text with pad tokens or by repeating it", "choices": TEXT_FILLS}
     )
     vocab_size: int | None = field(default=None, metadata={"help": "--init vocab draws ids below this; unset means 5000"})
+    reparam: str = field(
+        default="none",
+        metadata={"help": "residual: train the prompt as P + LayerNorm(MLP(P)), one MLP shared by the virtual tokens "
+                          "(Razdaibiedina et al. 2023); checkpoints hold the resulting prompt", "choices": REPARAMS},
+    )
+    reparam_hidden: int = field(default=128, metadata={"help": "hidden size of the --reparam residual MLP"})
+    ensemble: int = field(
+        default=1,
+        metadata={"help": "train this many prompts, seeded --seed, --seed + 1, ..., one after another, saved together "
+                          "in best/ (infer.py combines their label scores)"},
+    )
 
 
 @dataclass
 class DataConfig:
-    task: str | None = field(default=None, metadata={"help": "preset: prompts, hate or demo (offline)"})
+    task: str | None = field(default=None, metadata={"help": "preset: prompts, hate, demo (offline) or classify (any labelled --data)"})
     data: str | None = field(default=None, metadata={"help": "hub data set, local folder or .jsonl/.json/.csv/.parquet file"})
     template: str | None = field(default=None, metadata={"help": "text with {column} fields, e.g. 'Sentence : {text} Label : {label_text}'"})
     split: str = field(default="train", metadata={"help": "split of a hub data set (or folder) to train on"})
     eval_data: str | None = field(default=None, metadata={"help": "evaluation data: hub name, folder or file"})
     eval_split: str | None = field(default=None, metadata={"help": "split of --eval-data, or of hub --data when no --eval-data"})
-    val_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of the training rows for evaluation instead"})
+    val_fraction: float = field(
+        default=0.0,
+        metadata={"help": "hold out this fraction of the training rows for evaluation instead (stratified by label "
+                          "when there are label words)"},
+    )
+    val_seed: int | None = field(default=None, metadata={"help": "seed of the --val-fraction split (unset: --seed)"})
     loss_on: str = field(
         default="all", metadata={"help": "loss on every text token, or only from the template's last field on", "choices": LOSS_SCOPES}
     )
@@ -109,6 +128,26 @@ class DataConfig:
     label_words: list[str] | None = field(
         default=None,
         metadata={"help": "label words recorded for classification (default: the preset's, or the last field's values when at most 20)"},
+    )
+
+
+@dataclass
+class ClassifyConfig:
+    best_metric: str = field(
+        default=AUTO,
+        metadata={"help": "what best/ keeps the best of, on the evaluation rows (auto: macro_f1 when there are label "
+                          "words, else eval_loss)", "choices": BEST_METRICS},
+    )
+    patience: int = field(default=0, metadata={"help": "stop after this many evaluations without a better --best-metric (0: never)"})
+    label_score: str = field(
+        default="sum",
+        metadata={"help": "a label's score: its tokens' summed or mean log-probability", "choices": LABEL_SCORES},
+    )
+    calibration: str = field(
+        default="none",
+        metadata={"help": "fitted after training and stored in best/ for infer.py: content-free (Zhao et al. 2021), "
+                          "domain (Fei et al. 2023), fitted (per-label offsets on the evaluation rows) or none",
+                  "choices": CALIBRATIONS},
     )
 
 
@@ -152,6 +191,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -185,6 +225,18 @@ TASKS: dict[str, dict] = {
         "val_fraction": 0.25,
         "epochs": 3,
         "save_every": 20,
+    },
+    # Any labelled data: the user gives --data, --template and --label-words. It holds out its own
+    # stratified validation rows, picks best/ and fits the calibration on them (docs/training.md).
+    "classify": {
+        "loss_on": "completion",
+        "val_fraction": 0.2,
+        "init": "labels",
+        "precision": "bf16",
+        "epochs": 8,
+        "patience": 3,
+        "label_score": "mean",
+        "calibration": "fitted",
     },
 }
 
@@ -222,6 +274,8 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"--num-virtual-tokens must be at least 1, got {prompt.num_virtual_tokens}")
     if data.data is None and data.task != "demo":
         raise ValueError("no training data: pass --task prompts|hate|demo, or --data FILE_OR_HUB_NAME and --template")
+    if data.task == "classify" and not data.label_words:
+        raise ValueError("--task classify needs --label-words (two or more), e.g. --label-words \"hate speech\" \"no hate speech\"")
     if data.template is None:
         raise ValueError("no template: pass --template with {column} fields, e.g. 'Sentence : {text} Label : {label_text}'")
     if prompt.init == "text" and not prompt.init_text:
@@ -230,10 +284,11 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"--val-fraction must be in [0, 1), got {data.val_fraction}")
     if data.max_length < 2:
         raise ValueError(f"--max-length must be at least 2 (a token and eos), got {data.max_length}")
-    at_least_one = {"batch_size": optim.batch_size, "grad_accum": optim.grad_accum, "epochs": optim.epochs,
+    at_least_one = {"reparam_hidden": prompt.reparam_hidden, "ensemble": prompt.ensemble, "batch_size": optim.batch_size, "grad_accum": optim.grad_accum, "epochs": optim.epochs,
                     "max_bad_steps": optim.max_bad_steps, "log_every": run.log_every}
     not_negative = {"warmup_steps": optim.warmup_steps, "max_steps": optim.max_steps, "weight_decay": optim.weight_decay,
-                    "max_grad_norm": optim.max_grad_norm, "save_every": run.save_every, "eval_every": run.eval_every}
+                    "max_grad_norm": optim.max_grad_norm, "save_every": run.save_every, "eval_every": run.eval_every,
+                    "patience": config.classify.patience}
     if optim.max_batch_tokens != AUTO:
         not_negative["max_batch_tokens"] = optim.max_batch_tokens
     for name, value in at_least_one.items():
@@ -257,6 +312,8 @@ def validate(config: TrainConfig) -> None:
         )
     if data.label_words:  # [] (only from Python) records no label words
         check_label_words(data.label_words, "--label-words")
+    if config.classify.calibration == "fitted" and data.val_fraction == 0 and data.eval_data is None and data.eval_split is None:
+        raise ValueError("--calibration fitted fits on evaluation rows: add --val-fraction (e.g. 0.2), or choose another --calibration")
 
 
 def resolve_automatic(config: TrainConfig, device_type: str, native_bf16: bool) -> dict:

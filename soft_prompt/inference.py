@@ -21,7 +21,8 @@ from .data import read_json_lines, read_lines
 from .evaluation import label_metrics
 from .files import check_output_folder, write_output
 from .model import DEFAULT_PROMPT, SoftPromptModel
-from .runtime import limit_kernel_cache, load_prompted_model, pick_device
+from .calibration import calibrate, ensemble_mean, ensemble_vote, label_scores, record_offsets
+from .runtime import ensemble_prompts, limit_kernel_cache, load_prompted_model, pick_device
 from .scoring import label_sequences, truncate_left
 from .templates import check_label_words, template_fields
 
@@ -201,31 +202,68 @@ def generate_texts(
     return outputs
 
 
-def classify_rows(
+def score_rows(
     model: SoftPromptModel,
     rows: list[str | dict],
     prompt_names: Sequence[str | None],
     tasks: Sequence[tuple[str, list[str]]],
     batch_size: int = 8,
-) -> tuple[list[str], list[list[float]]]:
-    """Label scoring of each row after its prompt (None: the frozen model alone) with its own
-    (template, label words) from `tasks`, about `batch_size` rows a batch, longest first over all
-    rows, rows of every prompt sharing the batches. Returns each row's best label and its labels'
-    scores."""
+) -> list[list[tuple[str | None, torch.Tensor, torch.Tensor]]]:
+    """Label scoring of each row after its prompt (None: the frozen model alone), or after each
+    prompt of its checkpoint's ensemble, with its own (template, label words) from `tasks`, about
+    `batch_size` rows a batch, longest first over all rows, rows of every prompt sharing the
+    batches. Returns for each row, for each of its prompts, (the prompt, its labels' total
+    log-probabilities `[L]`, their token counts `[L]`)."""
+    members = [ensemble_prompts(model, name) for name in prompt_names]
     sequences, names = [], []
-    for row, name, (template, labels) in zip(rows, prompt_names, tasks):
-        sequences += label_sequences([row], labels, template, model.tokenizer)
-        names += [name] * len(labels)
-    most_labels = max(len(labels) for _, labels in tasks)
+    for row, row_members, (template, labels) in zip(rows, members, tasks):
+        for member in row_members:
+            sequences += label_sequences([row], labels, template, model.tokenizer)
+            names += [member] * len(labels)
+    most_labels = max(len(labels) * len(row_members) for row_members, (_, labels) in zip(members, tasks))
     totals = model.completion_log_probs(
         sequences, model.tokenizer.pad_token_id, batch_size=batch_size * most_labels, prompt_names=names
-    ).tolist()
+    )
+    counts = torch.tensor([len(completion) for _, completion in sequences])
+    scored, position = [], 0
+    for row_members, (_, labels) in zip(members, tasks):
+        row = []
+        for member in row_members:
+            span = slice(position, position + len(labels))
+            row.append((member, totals[span], counts[span]))
+            position += len(labels)
+        scored.append(row)
+    return scored
+
+
+def decide(
+    model: SoftPromptModel, scored: list, tasks: Sequence[tuple[str, list[str]]], calibrated: bool = True, vote: bool = False
+) -> tuple[list[str], list[list[float]]]:
+    """Each row's label and its labels' scores from `score_rows`. A prompt's scores are calibrated
+    by the record its checkpoint stores (`calibrated`; none stored: its summed log-probabilities);
+    an ensemble's prompts combine by the mean of their label log-probabilities, or by majority
+    vote (`vote`, ties to the mean)."""
     predictions, scores = [], []
-    for _, labels in tasks:
-        row_scores, totals = totals[: len(labels)], totals[len(labels) :]
-        predictions.append(labels[max(range(len(labels)), key=row_scores.__getitem__)])
-        scores.append(row_scores)
+    for row, (_, labels) in zip(scored, tasks):
+        per_prompt = []
+        for name, totals, counts in row:
+            record = model.prompt_metadata[name].get("calibration") if calibrated and name is not None else None
+            if record is None:
+                per_prompt.append(totals)
+            else:
+                per_prompt.append(calibrate(label_scores(totals, counts, record["label_score"]), record_offsets(record, labels)))
+        stacked = torch.stack(per_prompt)[:, None]  # [K, 1, L]
+        row_scores = stacked[0, 0] if len(per_prompt) == 1 else ensemble_mean(stacked)[0]
+        best = ensemble_vote(stacked)[0] if vote and len(per_prompt) > 1 else row_scores.argmax()
+        predictions.append(labels[int(best)])
+        scores.append(row_scores.tolist())
     return predictions, scores
+
+
+def is_calibrated(model: SoftPromptModel, name: str | None) -> bool:
+    """Whether a checkpoint's prompts store a calibration (or a label score) that changes their scores."""
+    records = [model.prompt_metadata[member].get("calibration") for member in ensemble_prompts(model, name) if member]
+    return any(record and (record["method"] != "none" or record["label_score"] != "sum") for record in records)
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -348,12 +386,15 @@ def classify_command(model: SoftPromptModel, rows: list, options: argparse.Names
     tasks_by_prompt = {name: label_task(model, name, options) for name in dict.fromkeys(names)}
     tasks = [tasks_by_prompt[name] for name in names]
     gold = gold_labels(rows, tasks, options.eval) if options.eval is not None else None
+    calibrated = options.calibration != "none"
     try:
-        predictions, scores = classify_rows(model, rows, names, tasks, options.batch_size)
+        scored = score_rows(model, rows, names, tasks, options.batch_size)
+        predictions, scores = decide(model, scored, tasks, calibrated, options.vote)
+        raw = decide(model, scored, tasks, False, options.vote)[0] if calibrated and gold is not None else None
         base = None
         if options.compare_base or gold is not None:
-            base = classify_rows(model, rows, [None] * len(rows), tasks, options.batch_size)
-    except ValueError as error:  # a row missing a template field, an empty label, ...
+            base = decide(model, score_rows(model, rows, [None] * len(rows), tasks, options.batch_size), tasks)
+    except ValueError as error:  # a row missing a template field, an empty label, labels the calibration lacks, ...
         raise InferenceError(str(error)) from None
 
     records = []
@@ -378,6 +419,8 @@ def classify_command(model: SoftPromptModel, rows: list, options: argparse.Names
             continue
         one = len(tasks_by_prompt) == 1
         results["tuned (soft prompt)" if one else f"{name} (soft prompt)"] = label_metrics(gold_of, [predictions[i] for i in rows_of], labels)
+        if raw is not None and is_calibrated(model, name):
+            results["tuned, uncalibrated" if one else f"{name}, uncalibrated"] = label_metrics(gold_of, [raw[i] for i in rows_of], labels)
         results["base (no prompt)" if one else f"{name} rows, base (no prompt)"] = label_metrics(gold_of, [base[0][i] for i in rows_of], labels)
     write_output(options.metrics, json.dumps(results, indent=2) + "\n")
     return records, format_table(results) + f"\n\nmetrics written to {options.metrics}"

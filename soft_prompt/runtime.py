@@ -146,6 +146,9 @@ def load_prompted_model(
     model = SoftPromptModel.from_pretrained(base, first_directory, tokenizer=tokenizer, name=first_name)
     for name, directory in others:
         model.load_prompt(directory, name)
+    for name, directory in checkpoints.items():  # an --ensemble run's best/ holds its other prompts in subfolders
+        for member in model.prompt_metadata[name].get("ensemble", []):
+            model.load_prompt(Path(directory) / member, ensemble_member(name, member))
     for name, checkpoint in checkpoints.items():
         recorded = model.prompt_metadata[name].get("base_model_name_or_path")
         if recorded and not same_model_name(recorded, model_name):
@@ -155,6 +158,18 @@ def load_prompted_model(
             warnings.warn(message + ": its outputs may be meaningless (--strict makes this an error)")
     model.set_prompt(DEFAULT_PROMPT if DEFAULT_PROMPT in checkpoints else first_name)
     return model
+
+
+def ensemble_member(name: str, member: str) -> str:
+    """The prompt name of an ensemble's member (its subfolder) loaded with checkpoint `name`."""
+    return f"{name}/{member}"
+
+
+def ensemble_prompts(model: SoftPromptModel, name: str | None) -> list[str | None]:
+    """The prompts that answer for checkpoint `name`: itself and its ensemble's other members."""
+    if name is None:
+        return [None]
+    return [name] + [ensemble_member(name, member) for member in model.prompt_metadata[name].get("ensemble", [])]
 
 
 def trained_precision(checkpoint: str) -> str:

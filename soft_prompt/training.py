@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
 import resource
 import signal
@@ -37,7 +38,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .calibrate_model import fitted_calibration, model_label_scores, reference_calibration
+from .calibration import FIT_METRICS, calibration_record
+from .checkpoint import (
+    CONFIG_NAME,
+    INITIAL_PROMPT_NAME,
+    METADATA_NAME,
+    WEIGHTS_NAME,
+    load_checkpoint,
+    save_checkpoint,
+    update_metadata,
+    write_directory_atomic,
+)
 from .config import AUTO, TrainConfig, resolve_automatic
 from .data import (
     Example,
@@ -51,14 +63,15 @@ from .data import (
     tokenize_rows,
 )
 from .distributed import World, init_world, shard_frozen_model
-from .evaluation import mean_eval_loss, prompt_drift
+from .evaluation import label_metrics, mean_eval_loss, prompt_drift
 from .files import WriteError, append_text, check_output_folder, json_bytes, png_bytes, write_atomic, writing
 from .masks import IGNORE_INDEX
 from .model import SoftPromptModel
+from .reparam import add_reparam, reparam_files, reparam_of, restore_reparam
 from .run_lock import RunLock
 from .runtime import DTYPES, apply_speed_options, limit_kernel_cache, load_base_model, native_bf16, pick_device
 from .shared_prefix import shared_prefix_loss, shared_prefix_supported
-from .templates import label_words_of
+from .templates import label_words_of, template_fields
 from .training_state import (
     STATE_JSON,
     TrainState,
@@ -118,7 +131,11 @@ def load_data_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     train_rows = load_rows(data.data, data.split)
     check_template_columns(data.template, train_rows, data.data)
     if data.val_fraction > 0:
-        return split_validation(train_rows, data.val_fraction, config.run.seed)
+        # Stratified when the rows are labelled: each label keeps its share on both sides.
+        last = template_fields(data.template)[-1]
+        labelled = data.label_words or label_words_of(data.template, train_rows)
+        seed = config.run.seed if data.val_seed is None else data.val_seed
+        return split_validation(train_rows, data.val_fraction, seed, label_of=(lambda row: str(row[last])) if labelled else None)
     if data.eval_data is not None:
         eval_rows = load_rows(data.eval_data, data.eval_split or data.split)
         check_template_columns(data.template, eval_rows, data.eval_data)
@@ -308,6 +325,7 @@ def build_soft_prompt_model(
         "max_length": data_cfg.max_length,
         "precision": model_cfg.precision,  # infer.py's default --precision
         "model_dtype": model_cfg.model_dtype,
+        "reparam": prompt_cfg.reparam,
     }
     model = SoftPromptModel(
         base_model,
@@ -319,6 +337,7 @@ def build_soft_prompt_model(
         vocab_size=prompt_cfg.vocab_size,
         seed=config.run.seed,
         metadata=metadata,
+        label_words=data_cfg.label_words,
     )
     initial_weight = model.prompt.weight.detach().clone()  # what the drift is measured from, saved with the prompt
     if resume_dir:
@@ -330,6 +349,13 @@ def build_soft_prompt_model(
             )
         with torch.no_grad():
             model.prompt.weight.copy_(weight)
+    if prompt_cfg.reparam == "residual":
+        # The prompt trains as P + LN(MLP(P)); `model.prompt.weight` is that sum wherever it is read.
+        reparam = add_reparam(model.prompt, prompt_cfg.reparam_hidden, seed=config.run.seed)
+        with torch.no_grad():
+            initial_weight = reparam(initial_weight)  # P0 + LN(MLP0(P0)): the prompt the model saw first
+        if resume_dir:
+            restore_reparam(model.prompt, resume_dir)  # P and the MLP as the run saved them
     return model.train(), initial_weight  # the frozen model's dropout is on during training, as in HF Trainer
 
 
@@ -399,13 +425,15 @@ def train_step(
             loss = loss_fn(model, **batch) * weight
         scaler.scale(loss).backward()
         step_loss += loss.detach()
-    params = [model.prompt.weight]
+    # The prompt [V, D] (with --reparam: P and the MLP; clipping `prompt.weight` would then do nothing).
+    params = list(model.prompt.parameters())
     if world.size > 1:
-        # One all-reduce for the step: this rank's (scaled) gradient [V, D] and loss, summed.
-        weight = model.prompt.weight
-        grad = weight.grad if weight.grad is not None else torch.zeros_like(weight)
-        summed = world.sum_(torch.cat([grad.flatten(), step_loss.view(1).to(grad.dtype)]))
-        weight.grad, step_loss = summed[:-1].view_as(weight), summed[-1]
+        # One all-reduce for the step: this rank's (scaled) gradients and loss, summed.
+        grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in params]
+        summed = world.sum_(torch.cat([grad.flatten() for grad in grads] + [step_loss.view(1).to(grads[0].dtype)]))
+        for param, grad in zip(params, summed[:-1].split([param.numel() for param in params])):
+            param.grad = grad.view_as(param)
+        step_loss = summed[-1]
     scaler.unscale_(optimizer)  # the clipping threshold is for the true gradient
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     step_loss, grad_norm = step_loss.item(), grad_norm.item()
@@ -436,28 +464,88 @@ def save_last(run: Run) -> None:
         model.prompt.weight,
         model.base_model,
         {**model.metadata, "step": run.state.step},
-        extra_files=training_state_files(run.state.to_dict(), run.optimizer, run.scaler),
+        extra_files={
+            **training_state_files(run.state.to_dict(), run.optimizer, run.scaler),
+            **(reparam_files(model.prompt) if reparam_of(model.prompt) is not None else {}),
+        },
         initial_weight=run.initial_weight,
     )
 
 
+def validation_label_metrics(run: Run) -> dict[str, float]:
+    """Accuracy and macro-F1 of label scoring (`--label-score`, uncalibrated) on the evaluation
+    rows, when there are label words (every rank scores every row: the same figures on each)."""
+    labels, template = run.config.data.label_words, run.config.data.template
+    if not labels:
+        return {}
+    model, last = run.model, template_fields(template)[-1]
+    model.eval()  # no dropout while scoring
+    with run.autocast():
+        scores = model_label_scores(model, run.eval_rows, labels, template, run.config.classify.label_score, run.config.optim.batch_size)
+    model.train()
+    predicted = [labels[i] for i in scores.argmax(dim=1).tolist()]
+    figures = label_metrics([str(row[last]) for row in run.eval_rows], predicted, labels)
+    return {"accuracy": figures["accuracy"], "macro_f1": figures["macro_f1"]}
+
+
 def evaluate_and_keep_best(run: Run) -> None:
-    """Evaluate (every rank), log it and save `best/` when the eval loss is the lowest so far
-    (rank 0)."""
+    """Evaluate (every rank): the eval loss and, with label words, label scoring's accuracy and
+    macro-F1; log them and save `best/` when `--best-metric` is the best so far (rank 0)."""
     model, state = run.model, run.state
     eval_loss = mean_eval_loss(model, run.eval_examples, run.config.optim.batch_size, run.autocast, run.pad_token_id,
                                run.world, shared_prefix=run.config.model.shared_prefix)
     state.eval_loss = eval_loss
-    is_best = state.best_eval_loss is None or eval_loss < state.best_eval_loss
-    if is_best:
+    if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
         state.best_eval_loss = eval_loss
+    figures = {"eval_loss": eval_loss, **validation_label_metrics(run)}
+    metric = run.config.classify.best_metric
+    score = figures[metric]
+    lower_is_better = metric == "eval_loss"
+    is_best = state.best_score is None or (score < state.best_score if lower_is_better else score > state.best_score)
+    if is_best:
+        state.best_score, state.evals_without_improvement = score, 0
+    else:
+        state.evals_without_improvement += 1
     if run.world.is_main:
         epoch = state.epoch_progress(run.batches_per_epoch)
-        log_metrics(run.metrics_path, {"step": state.step, "epoch": epoch, "eval_loss": eval_loss})
+        log_metrics(run.metrics_path, {"step": state.step, "epoch": epoch, **figures})
         if is_best:
-            metadata = {**model.metadata, "step": state.step, "eval_loss": eval_loss}
+            metadata = {**model.metadata, "step": state.step, **figures}
             save_checkpoint(run.output_dir / "best", model.prompt.weight, model.base_model, metadata,
                             initial_weight=run.initial_weight)
+
+
+def patience_spent(run: Run) -> bool:
+    """`--patience` evaluations in a row without a better `--best-metric`: training stops."""
+    patience = run.config.classify.patience
+    return bool(patience) and run.state.evals_without_improvement >= patience
+
+
+def calibrate_best(run: Run) -> None:
+    """Fit `--calibration` for the prompt best/ holds (last/ when there were no evaluation rows) and
+    store it, with `--label-score`, in its soft_prompt.json, where infer.py reads it. Every rank
+    scores (FSDP needs them all), rank 0 writes."""
+    labels, classify, data_cfg = run.config.data.label_words, run.config.classify, run.config.data
+    if not labels:
+        return
+    target = run.output_dir / ("best" if run.state.best_score is not None else "last")
+    run.world.barrier()  # rank 0 has written it
+    model = run.model
+    model.load_prompt(target, "calibrating")
+    model.set_prompt("calibrating")
+    model.eval()
+    with run.autocast():
+        if classify.calibration == "fitted":
+            metric = classify.best_metric if classify.best_metric in FIT_METRICS else "macro_f1"
+            record = fitted_calibration(model, run.eval_rows, labels, data_cfg.template, classify.label_score, metric,
+                                        run.config.optim.batch_size)
+        elif classify.calibration in ("content-free", "domain"):
+            record = reference_calibration(model, classify.calibration, labels, data_cfg.template, run.train_rows,
+                                           classify.label_score, run.config.run.seed, run.config.optim.batch_size)
+        else:
+            record = calibration_record("none", classify.label_score, labels, None)
+    if run.world.is_main:
+        update_metadata(target, {"calibration": record, "label_score": classify.label_score})
 
 
 def report(summary: dict, output_dir: Path, total_steps: int) -> None:
@@ -473,8 +561,9 @@ def report(summary: dict, output_dir: Path, total_steps: int) -> None:
         return
     curve = write_loss_curve(output_dir)
     eval_text = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
+    early = " (stopped early: --patience)" if summary["stopped_early"] else ""
     print(
-        f"done: {summary['steps']} steps, train loss {summary['train_loss']:.4f} (last epoch), eval loss {eval_text}, "
+        f"done: {summary['steps']} steps{early}, train loss {summary['train_loss']:.4f} (last epoch), eval loss {eval_text}, "
         f"{summary['seconds']:.1f} s, {summary['tokens_per_s']:.0f} tokens/s, peak memory "
         f"{summary['peak_memory_mib']:.0f} MiB, {summary['skipped_steps']} skipped steps; "
         f"saved {output_dir / 'last'}{' and best/' if summary['best_eval_loss'] is not None else ''}"
@@ -502,10 +591,32 @@ class Run:
     state: TrainState
     total_steps: int
     batches_per_epoch: int
+    train_rows: list[dict] = dataclasses.field(default_factory=list)  # as loaded: for domain calibration
+    eval_rows: list[dict] = dataclasses.field(default_factory=list)  # as loaded: for label scoring
 
     @property
     def metrics_path(self) -> Path:
         return self.output_dir / "metrics.jsonl"
+
+
+def check_label_setup(config: TrainConfig, eval_rows: list[dict], automatic: dict) -> None:
+    """Resolve `--best-metric auto` (macro_f1 with label words, else eval_loss) and refuse what
+    label scoring cannot do: a label metric without label words, evaluation rows of another label."""
+    labels, classify = config.data.label_words, config.classify
+    if classify.best_metric == AUTO:
+        classify.best_metric = automatic["best_metric"] = "macro_f1" if labels else "eval_loss"
+    if not labels:
+        if classify.best_metric != "eval_loss" or classify.calibration != "none":
+            raise ValueError("--best-metric accuracy/macro_f1 and --calibration score label words: pass "
+                             "--label-words (the template's last field had more than 20 distinct values)")
+        return
+    last = template_fields(config.data.template)[-1]
+    if classify.calibration == "fitted" and not eval_rows:
+        raise ValueError("--calibration fitted fits on evaluation rows and there are none: add --val-fraction (e.g. 0.2)")
+    unknown = sorted({str(row[last]) for row in eval_rows} - set(labels))
+    if unknown:
+        raise ValueError(f"evaluation rows labelled {unknown[:5]}, which are not among the label words {labels}: "
+                         "pass every label in --label-words")
 
 
 def setup(config: TrainConfig, held: contextlib.ExitStack) -> Run:
@@ -530,6 +641,7 @@ def setup(config: TrainConfig, held: contextlib.ExitStack) -> Run:
     seed_everything(run.seed)
     train_rows, eval_rows = load_data_rows(config)
     data_cfg.label_words = data_cfg.label_words or label_words_of(data_cfg.template, train_rows)
+    check_label_setup(config, eval_rows, automatic)
     # --fsdp: the whole model sits only in host memory; fully_shard moves each rank's shards to its GPU.
     load_device = torch.device("cpu") if model_cfg.fsdp else device
     base_model, tokenizer = load_base_model(model_cfg.model, model_cfg.model_dtype, load_device)
@@ -556,7 +668,7 @@ def setup(config: TrainConfig, held: contextlib.ExitStack) -> Run:
         shard_frozen_model(base_model)
         model.to(device)  # what stays whole: the prompt, the embedding, the head, the buffers
     optimizer = torch.optim.AdamW(
-        [model.prompt.weight], lr=optim.lr, weight_decay=optim.weight_decay, fused=device.type == "cuda"
+        list(model.prompt.parameters()), lr=optim.lr, weight_decay=optim.weight_decay, fused=device.type == "cuda"
     )
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
     scaler = torch.amp.GradScaler(device.type, enabled="fp16" in (model_cfg.precision, model_cfg.model_dtype))
@@ -580,6 +692,7 @@ def setup(config: TrainConfig, held: contextlib.ExitStack) -> Run:
     return Run(
         config, world, device, output_dir, model, initial_weight, tokenizer.pad_token_id, train_examples,
         eval_examples, optimizer, scaler, autocast, loss_fn, state, total_steps, batches_per_epoch,
+        train_rows=train_rows, eval_rows=eval_rows,
     )  # fmt: skip
 
 
@@ -601,7 +714,7 @@ def loop(run: Run) -> dict:
     )
     interrupted, stop_signal = False, 0
     with StopRequest(world) as stop, progress:  # the bar is closed before any error line is printed
-        while state.step < run.total_steps:
+        while state.step < run.total_steps and not patience_spent(run):
             if state.batch_in_epoch == 0:
                 state.epoch_loss_sum, state.epoch_steps = 0.0, 0
             group = batches[state.batch_in_epoch : state.batch_in_epoch + optim.grad_accum]
@@ -657,7 +770,9 @@ def loop(run: Run) -> dict:
                 evaluate_and_keep_best(run)
             stop_signal = world.max(stop.signal or 0, run.device)  # every rank stops after the same step
             stopping = stop_signal > 0
-            if world.is_main and ((run_cfg.save_every and state.step % run_cfg.save_every == 0) or last_step or stopping):
+            out_of_patience = patience_spent(run)  # the same on every rank
+            if world.is_main and ((run_cfg.save_every and state.step % run_cfg.save_every == 0) or last_step or stopping
+                                  or out_of_patience):
                 save_last(run)
             if stopping and not last_step:
                 interrupted = True
@@ -675,8 +790,62 @@ def loop(run: Run) -> dict:
         "peak_memory_mib": peak_memory_mib(run.device),
         "interrupted": interrupted,
         "signal": stop_signal if interrupted else None,  # the one that stopped it: SIGINT or SIGTERM
+        "stopped_early": patience_spent(run),
         "output_dir": str(run.output_dir),
     }
+
+
+# -- ensembles ----------------------------------------------------------------------------------
+
+CHECKPOINT_FILES = (WEIGHTS_NAME, CONFIG_NAME, METADATA_NAME, INITIAL_PROMPT_NAME)  # what a prompt's checkpoint is
+
+
+def train_ensemble(config: TrainConfig) -> dict:
+    """`--ensemble K`: K runs one after another, `prompt-0/` ... `prompt-{K-1}/` in the run folder,
+    seeded `--seed` ... `--seed + K - 1` and all holding out the same validation rows (split by
+    `--val-seed`, default `--seed`); each keeps its own best/ and calibration. Then `best/` gathers
+    them: prompt 0's checkpoint (what PEFT and analyze.py load) with the others in subfolders,
+    listed in its soft_prompt.json as "ensemble", which infer.py loads and combines. `--resume`
+    the run folder continues each member from its own last/."""
+    started = time.perf_counter()
+    output_dir = Path(config.run.output_dir or config.run.resume or Path("runs") / (config.data.task or "custom"))
+    check_output_folder(output_dir, f"--output-dir {output_dir}")
+    if config.run.resume and not (Path(config.run.resume) / "prompt-0").is_dir():
+        raise ValueError(f"--resume {config.run.resume}: no prompt-0/ there: not an --ensemble run folder to continue")
+    members = []
+    for k in range(config.prompt.ensemble):
+        member = copy.deepcopy(config)
+        member_dir = output_dir / f"prompt-{k}"
+        member.prompt.ensemble = 1
+        member.run.seed = config.run.seed + k
+        member.data.val_seed = config.run.seed if config.data.val_seed is None else config.data.val_seed
+        member.run.output_dir = str(member_dir)
+        member.run.resume = str(member_dir) if config.run.resume and (member_dir / "last").is_dir() else None
+        print(f"ensemble: prompt {k + 1} of {config.prompt.ensemble}, seed {member.run.seed}", file=sys.stderr)
+        summary = train(member)
+        members.append(summary)
+        if summary["interrupted"]:
+            print(f"continue the ensemble with the same arguments and --resume {output_dir}", file=sys.stderr)
+            return {**summary, "members": members, "seconds": time.perf_counter() - started}
+    if os.environ.get("RANK", "0") == "0":
+        write_ensemble(output_dir, config.prompt.ensemble)
+        print(f"ensemble: {config.prompt.ensemble} prompts saved in {output_dir / 'best'}")
+    return {**summary, "members": members, "seconds": time.perf_counter() - started, "output_dir": str(output_dir)}
+
+
+def write_ensemble(output_dir: Path, size: int) -> None:
+    """`best/`: member 0's checkpoint (each member's best/, or last/ when it had no evaluation rows),
+    the others in subfolders `prompt-1/` ..., named in its soft_prompt.json under "ensemble"."""
+    files = {}
+    for k in range(size):
+        source = output_dir / f"prompt-{k}" / "best"
+        source = source if source.is_dir() else source.with_name("last")
+        prefix = "" if k == 0 else f"prompt-{k}/"
+        files.update({prefix + name: (source / name).read_bytes() for name in CHECKPOINT_FILES if (source / name).is_file()})
+    metadata = json.loads(files[METADATA_NAME])
+    metadata["ensemble"] = [f"prompt-{k}" for k in range(1, size)]
+    files[METADATA_NAME] = json_bytes(metadata)
+    write_directory_atomic(output_dir / "best", files)
 
 
 def train(config: TrainConfig) -> dict:
@@ -691,10 +860,14 @@ def train(config: TrainConfig) -> dict:
     share; rank 0 alone writes the run folder and prints.
     """
     started = time.perf_counter()
+    if config.prompt.ensemble > 1:
+        return train_ensemble(config)
     with contextlib.ExitStack() as held:  # the run folder's lock, from setup to the end
         run = setup(config, held)
         try:
             summary = loop(run)
+            if not summary["interrupted"]:
+                calibrate_best(run)
             summary["seconds"] = time.perf_counter() - started
             if run.world.is_main:
                 report(summary, run.output_dir, run.total_steps)

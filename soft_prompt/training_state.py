@@ -40,9 +40,10 @@ POSITION_FLAGS = {
     "template": "--template",
     "group_by_length": "--group-by-length",
 }
-# TrainState's fields that older training states lack: they resume with a warning, unchecked.
+# TrainState's fields that older training states lack: the position's meaning resumes with a
+# warning, unchecked; model selection's counters with their defaults.
 ADDED_FIELDS = frozenset({"batch_size", "grad_accum", "seed", "max_length", "template", "group_by_length",
-                          "train_rows", "train_rows_sha256"})
+                          "train_rows", "train_rows_sha256", "best_score", "evals_without_improvement"})
 
 
 @dataclasses.dataclass
@@ -71,6 +72,8 @@ class TrainState:
     eval_loss: float | None = None
     skipped_steps: int = 0
     bad_steps_in_a_row: int = 0
+    best_score: float | None = None  # the best --best-metric so far (what best/ holds)
+    evals_without_improvement: int = 0  # evaluations since it improved (--patience)
 
     @classmethod
     def from_dict(cls, saved: dict) -> "TrainState":

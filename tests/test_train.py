@@ -161,7 +161,7 @@ def test_micro_batches_and_accumulation_give_the_gradient_of_the_whole_batch(blo
         torch.testing.assert_close(weight, whole, rtol=1e-5, atol=1e-6)
     automatic = json.loads((tmp_path / "auto" / "train_config.json").read_text())["automatic"]
     assert automatic == {"model_dtype": "fp32", "max_batch_tokens": 60, "attention": "eager",  # BLOOM loads eager
-                         "loss_path": "plain (--no-shared-prefix)"}
+                         "loss_path": "plain (--no-shared-prefix)", "best_metric": "macro_f1"}  # the rows have label words
 
 
 def test_a_non_finite_step_is_skipped_and_counted(bloom_dir, jsonl, tmp_path, monkeypatch):

@@ -43,6 +43,7 @@ def test_cli_trains_and_writes_the_run_folder(tmp_path):
     assert [line["step"] for line in eval_lines] == [9, 18, 27]
     assert set(train_lines[0]) == {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "prompt_norm",
                                   "prompt_distance", "prompt_cosine"}
+    assert all(set(line) == {"step", "epoch", "eval_loss", "accuracy", "macro_f1"} for line in eval_lines)
     # The first step's batch is one length group (grouping is the default), so its loss is only
     # roughly the epoch's: the last epoch's mean is compared with a margin, the evaluations strictly.
     assert sum(line["loss"] for line in train_lines[-9:]) / 9 < 0.8 * train_lines[0]["loss"]
@@ -55,7 +56,8 @@ def test_cli_trains_and_writes_the_run_folder(tmp_path):
     assert config["model"]["device"] == "cpu"
     precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"  # --precision auto on this CPU
     assert config["automatic"] == {"precision": precision, "model_dtype": precision, "max_batch_tokens": 512,
-                                   "attention": "eager", "loss_path": "shared prefix"}  # BLOOM: no dropout
+                                   "attention": "eager", "loss_path": "shared prefix",  # BLOOM: no dropout
+                                   "best_metric": "macro_f1"}  # there are label words
     assert (config["model"]["model_dtype"], config["optim"]["max_batch_tokens"], config["data"]["group_by_length"]) == (precision, 512, True)
     assert config["model"]["attention"] == "eager"  # auto, resolved like the fields above
 
@@ -63,6 +65,7 @@ def test_cli_trains_and_writes_the_run_folder(tmp_path):
     best = SoftPromptModel.from_pretrained(base, run / "best")
     assert best.metadata["template"] == HATE
     assert best.metadata["label_words"] == ["hate speech", "no hate speech"]
-    assert best.metadata["eval_loss"] == min(line["eval_loss"] for line in eval_lines)
+    first_best = max(eval_lines, key=lambda line: line["macro_f1"])  # max keeps the first of equals, as best/ does
+    assert (best.metadata["step"], best.metadata["macro_f1"]) == (first_best["step"], first_best["macro_f1"])
     assert SoftPromptModel.from_pretrained(base, run / "last").metadata["step"] == 27
 

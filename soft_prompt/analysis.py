@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,15 +26,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .chance import script_of
 from .checkpoint import load_initial_prompt
 from .data import IGNORE_INDEX, Example, check_template_columns, collate, load_rows, template_fields, tokenize_rows
 from .inference import evaluate, load_model, write_output
 from .model import SoftPromptModel, pick_device
 
-NO_LETTERS = "none"  # a neighbour with no letter: punctuation, digits, spaces
 SPECIAL = "special"  # the tokenizer's special tokens (<|im_end|>, <pad>, ...), whatever letters they hold
-PARTIAL_BYTES = "partial bytes"  # a byte-level token that is part of a multi-byte character
-SCRIPT_NAMES = {"CJK": "Han", "HANGUL": "Hangul"}
 
 
 def prompt_drift(weight: torch.Tensor, initial_weight: torch.Tensor) -> dict[str, float]:
@@ -49,16 +46,6 @@ def prompt_drift(weight: torch.Tensor, initial_weight: torch.Tensor) -> dict[str
 
 
 # -- the prompt against the vocabulary --------------------------------------------------------------
-
-
-def script_of(text: str) -> str:
-    """The Unicode script of a decoded token's first letter, from its character name (LATIN SMALL
-    LETTER A -> Latin, CJK UNIFIED IDEOGRAPH-4E2D -> Han, CYRILLIC ... -> Cyrillic)."""
-    for character in text:
-        if character.isalpha():
-            first_word = unicodedata.name(character, "UNKNOWN").split()[0]
-            return SCRIPT_NAMES.get(first_word, first_word.title())
-    return PARTIAL_BYTES if "\ufffd" in text else NO_LETTERS
 
 
 def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, tokenizer, top_k: int = 5) -> list[list[dict]]:

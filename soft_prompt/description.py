@@ -95,7 +95,8 @@ def generate_patched(
     row of `states` `[B, P, D]`: row b replaces positions patch_start..patch_start+P-1 at the input
     of decoder layer `target_layers[b]` by `states[b]`. The patch applies to the prefill only; the
     KV cache carries it into every decoded token. A row ends after a token of `stop_ids` (kept in
-    its continuation) or after `max_new_tokens`.
+    its continuation) that follows one outside them, so a leading separator or newline does not
+    end it empty; or after `max_new_tokens`.
 
     The text before `patch_start` is the same for every row and no patch reaches it (attention is
     causal): it runs once and its cache is shared by the B rows."""
@@ -116,7 +117,7 @@ def generate_patched(
         if model.takes_logits_to_keep:
             inputs["logits_to_keep"] = 1
         output = base_model(**inputs, use_cache=True, **({model.cache_argument: cache} if cache is not None else {}))
-        cache, past = output.past_key_values, past + length
+        cache, past = output[model.cache_argument], past + length
         return output.logits[:, -1].float()
 
     if patch_start:
@@ -131,16 +132,19 @@ def generate_patched(
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     continuations = [[] for _ in range(batch_size)]
     active = torch.arange(batch_size, device=device)  # the rows still decoding, in cache order
+    begun = torch.zeros(batch_size, dtype=torch.bool, device=device)  # a token outside stop_ids came
     for length in range(1, max_new_tokens + 1):
         next_tokens = logits.argmax(dim=-1)  # [B_active]
         for row, token in zip(active.tolist(), next_tokens.tolist()):
             continuations[row].append(token)
-        running = ~torch.isin(next_tokens, stop)
+        stops = torch.isin(next_tokens, stop)
+        running = ~(stops & begun)
         if length == max_new_tokens or not running.any():
             break
+        begun |= ~stops
         if not running.all():  # finished rows leave the batch and the cache
             cache.batch_select_indices(running.nonzero()[:, 0])
-            active, next_tokens = active[running], next_tokens[running]
+            active, next_tokens, begun = active[running], next_tokens[running], begun[running]
         logits = step(next_tokens[:, None])
     return continuations
 
@@ -211,8 +215,8 @@ def class_rate(description: str, label_words: Sequence[str]) -> float | None:
 
 
 def description_of(tokenizer, continuation: list[int]) -> str:
-    """The decoded continuation up to the first separator, stripped."""
-    text = tokenizer.decode(continuation, skip_special_tokens=True)
+    """The decoded continuation from its first word up to the next separator, stripped."""
+    text = tokenizer.decode(continuation, skip_special_tokens=True).lstrip("".join(SEPARATORS) + " ")
     for separator in SEPARATORS:
         text = text.split(separator)[0]
     return text.strip()
@@ -281,16 +285,18 @@ def describe(
         rouge = max((rouge_l(description, reference) for reference in references), default=None)
         return {"description": description, "class_rate": class_rate(description, label_words), "rouge_l": rouge}
 
-    # Every (source, pair) is one row; rows run in batches sharing the target text's cache.
-    rows = [(index, source, target) for index in range(len(sources)) for source, target in pairs]
+    # Row 0 is the target text alone: its placeholders' own layer-0 input patched back changes
+    # nothing. Then one row per (source, pair); rows run in batches sharing the target text's cache.
+    with torch.no_grad():
+        own = model.base_model(torch.tensor([target_ids], device=model.device), output_hidden_states=True).hidden_states[0]
+    row_states = [own[0, len(prefix) :]] + [states[index, source] for index in range(len(sources)) for source, _ in pairs]
+    row_targets = [0] + [target for _ in sources for _, target in pairs]
     continuations = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="describing", unit="batch", leave=False):
-        batch = rows[start : start + batch_size]
-        batch_states = torch.stack([states[index, source] for index, source, _ in batch])  # [B, V, D]
-        continuations += generate_patched(
-            model, target_ids, len(prefix), batch_states, [target for _, _, target in batch], max_new_tokens, stop
-        )
-    unpatched = generate_patched(model, target_ids, len(prefix), states[:1, 0, :0], [0], max_new_tokens, stop)[0]
+    for start in tqdm(range(0, len(row_states), batch_size), desc="describing", unit="batch", leave=False):
+        batch_states = torch.stack(row_states[start : start + batch_size])  # [B, V, D]
+        targets = row_targets[start : start + batch_size]
+        continuations += generate_patched(model, target_ids, len(prefix), batch_states, targets, max_new_tokens, stop)
+    unpatched, continuations = continuations[0], continuations[1:]
 
     result = {
         "layers": grid,

@@ -83,6 +83,7 @@ def test_class_rate_counts_label_words_named_in_order():
 def test_descriptions_end_at_the_separator(tokenizer):
     ids = tokenizer.encode(" the cat | my neighbour\nthis")
     assert description_of(tokenizer, ids) == "the cat"
+    assert description_of(tokenizer, tokenizer.encode(" |\n the cat\n|")) == "the cat"  # from the first word on
     stop = stop_token_ids(tokenizer)
     assert tokenizer.eos_token_id in stop and tokenizer.convert_tokens_to_ids("|") in stop
     assert all("|" in tokenizer.decode([i]) or "\n" in tokenizer.decode([i]) for i in stop - {tokenizer.eos_token_id})

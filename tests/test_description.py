@@ -132,3 +132,17 @@ def test_layer_zero_pair_is_the_prompt_in_place_of_the_placeholders(architecture
     plain = torch.cat([prefix, torch.full((1, 4), placeholder)], dim=1)
     tokens = model.base_model.generate(plain, max_new_tokens=10, do_sample=False, pad_token_id=0)[0, plain.shape[1]:]
     assert result["unpatched"]["description"] == description_of(tokenizer, tokens.tolist())
+
+
+def test_plot_descriptions_writes_a_png(tmp_path):
+    from soft_prompt.analysis_plots import plot_descriptions
+
+    entries = [{"source_layer": s, "target_layer": t, "description": "d", "class_rate": 0.5, "rouge_l": None}
+               for s in (0, 2) for t in (0, 2)]
+    result = {"layers": [0, 2], "sources": {"trained": entries, "random": entries}}
+    path = plot_descriptions(result, tmp_path / "descriptions.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for entry in entries:
+        entry["class_rate"] = None
+    with pytest.raises(ValueError, match="no scores to plot"):
+        plot_descriptions(result, tmp_path / "none.png")

@@ -41,7 +41,7 @@ DEFAULT_TARGET = (
 )
 PLACEHOLDER = " x"  # InSPEcT's placeholder token; its states are replaced from the target layer on
 SEPARATORS = ("|", "\n")  # a description ends at the next demonstration or line
-GRID_POINTS = 6  # the default grid's layers per axis: 6 x 6 pairs, 3 sources (see default_layers)
+GRID_POINTS = 8  # the default grid's layers per axis: 8 x 8 pairs, 3 sources (see default_layers)
 
 
 # -- patching -----------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def source_states(model: SoftPromptModel, prompts: torch.Tensor) -> torch.Tensor
 
 def default_layers(num_layers: int) -> list[int]:
     """About GRID_POINTS evenly spaced layers from 0: every layer of a shallow model, a stride of
-    5 for SmolLM2's 30 (0, 5, ..., 25)."""
+    4 for SmolLM2's 30 (0, 4, ..., 28)."""
     stride = max(1, round(num_layers / GRID_POINTS))
     return list(range(0, num_layers, stride))
 

@@ -51,8 +51,8 @@ def test_a_texts_own_states_patched_back_reproduce_its_continuation(architecture
 
 
 def test_layer_grid_respects_the_models_depth():
-    assert default_layers(30) == [0, 5, 10, 15, 20, 25]
-    assert default_layers(24) == [0, 4, 8, 12, 16, 20]
+    assert default_layers(30) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert default_layers(24) == [0, 3, 6, 9, 12, 15, 18, 21]
     assert default_layers(2) == [0, 1]
     assert layer_grid(2) == [0, 1]
     assert layer_grid(30, [20, 3, 20]) == [3, 20]

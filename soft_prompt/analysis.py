@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .chance import script_of
 from .checkpoint import load_initial_prompt
 from .data import Example, check_template_columns, collate, load_rows, tokenize_rows
 from .evaluation import label_metrics, mean_eval_loss, prompt_drift
@@ -36,23 +36,10 @@ from .model import SoftPromptModel
 from .runtime import load_prompted_model, pick_device
 from .templates import template_fields
 
-NO_LETTERS = "none"  # a neighbour with no letter: punctuation, digits, spaces
 SPECIAL = "special"  # the tokenizer's special tokens (<|im_end|>, <pad>, ...), whatever letters they hold
-PARTIAL_BYTES = "partial bytes"  # a byte-level token that is part of a multi-byte character
-SCRIPT_NAMES = {"CJK": "Han", "HANGUL": "Hangul"}
 
 
 # -- the prompt against the vocabulary --------------------------------------------------------------
-
-
-def script_of(text: str) -> str:
-    """The Unicode script of a decoded token's first letter, from its character name (LATIN SMALL
-    LETTER A -> Latin, CJK UNIFIED IDEOGRAPH-4E2D -> Han, CYRILLIC ... -> Cyrillic)."""
-    for character in text:
-        if character.isalpha():
-            first_word = unicodedata.name(character, "UNKNOWN").split()[0]
-            return SCRIPT_NAMES.get(first_word, first_word.title())
-    return PARTIAL_BYTES if "\ufffd" in text else NO_LETTERS
 
 
 def nearest_tokens(prompt: torch.Tensor, embeddings: torch.Tensor, tokenizer, top_k: int = 5) -> list[list[dict]]:

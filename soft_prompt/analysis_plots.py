@@ -112,3 +112,33 @@ def write_plots(figures: dict, directory: str | Path) -> list[Path]:
     if figures.get("training"):
         written.append(plot_drift(figures, directory / "drift.png"))
     return written
+
+
+def plot_descriptions(result: dict, path: Path) -> Path:
+    """Class rate and ROUGE-L of the descriptions (`description.describe`) by source x target
+    layer, one column per source (trained, initial, random); a score the run has not (no label
+    words, no reference) leaves its row out."""
+    layers = result["layers"]
+    scores = [key for key in ("class_rate", "rouge_l") if any(e[key] is not None for e in result["sources"]["trained"])]
+    if not scores:
+        raise ValueError("the descriptions have no scores to plot: no label words and no reference text")
+    names = list(result["sources"])
+    figure, panels = plt.subplots(
+        len(scores), len(names), figsize=(3.2 * len(names), 3 * len(scores)), squeeze=False, sharex=True, sharey=True
+    )
+    for row, key in enumerate(scores):
+        for column, name in enumerate(names):
+            grid = [[None] * len(layers) for _ in layers]  # [source, target]
+            for entry in result["sources"][name]:
+                grid[layers.index(entry["source_layer"])][layers.index(entry["target_layer"])] = entry[key]
+            axes = panels[row, column]
+            image = axes.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower")
+            axes.set_xticks(range(len(layers)), layers)
+            axes.set_yticks(range(len(layers)), layers)
+            axes.set_title(f"{name}: {key.replace('_', ' ')}", fontsize=9)
+            axes.set_xlabel("target layer")
+            axes.set_ylabel("source layer")
+        figure.colorbar(image, ax=panels[row].tolist(), shrink=0.8)
+    figure.savefig(path, dpi=80)  # not save(): tight_layout fights the shared colorbars
+    plt.close(figure)
+    return path

@@ -44,14 +44,17 @@ LAYERS = {
     "training_state": SERVICES,
     "config": SERVICES,
     "tiny": SERVICES,
+    "chance": SERVICES,
+    "probe": SERVICES,
     # commands: what the scripts run
     "training": COMMANDS,
     "inference": COMMANDS,
     "analysis": COMMANDS,
     "analysis_plots": COMMANDS,
+    "description": COMMANDS,
 }
 # A command's own helper modules, which only that command imports.
-COMMAND_PARTS = {"analysis_plots": "analysis"}
+COMMAND_PARTS = {"analysis_plots": "analysis", "description": "analysis"}
 
 
 def is_type_checking(node: ast.If) -> bool:

@@ -166,3 +166,16 @@ def test_the_reader_sees_each_kind_of_import():
         "if TYPE_CHECKING:\n    from .inference import run\n"
     )
     assert imports_of(source) == ({"masks", "templates", "scoring", "__init__", "training"}, {"typing", "bench_train"})
+
+
+def test_the_readmes_module_table_shows_every_module_in_its_layer():
+    """README.md's table of modules (| layer | `module.py`, ... | what it holds |) names each module
+    of the package once, in the layer this file gives it."""
+    shown = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in LAYER_NAMES[:SCRIPTS]:
+            for name in cells[1].replace("`", "").split(","):
+                shown[name.strip().removesuffix(".py")] = LAYER_NAMES.index(cells[0])
+    expected = {module: layer for module, layer in LAYERS.items() if module != "__init__"}
+    assert shown == expected

@@ -42,7 +42,7 @@ python3 benchmarks/bench_train.py "${common[@]}" --sides ours ours-micro-batches
 NGPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPUS" -ge 2 ]; then
     MODEL_DIR=$(mktemp -d)/model
-    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_train import build_model; build_model('$ARCH', '$TOKENIZER', '$MODEL_DIR')"
+    python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_train import save_random_model; save_random_model('$ARCH', '$TOKENIZER', '$MODEL_DIR')"
     python3 benchmarks/bench_distributed.py --model "$MODEL_DIR" --data "$DATA" --rows "$ROWS" --device cuda \
         --ranks "$NGPUS" --precision bf16 --batch-size $((8 * NGPUS)) --max-length 256 --output-dir "$RESULTS"
 fi

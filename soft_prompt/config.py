@@ -232,7 +232,6 @@ TASKS: dict[str, dict] = {
         "loss_on": "completion",
         "val_fraction": 0.2,
         "init": "labels",
-        "precision": "bf16",
         "epochs": 8,
         "patience": 3,
         "label_score": "mean",

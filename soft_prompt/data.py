@@ -309,18 +309,21 @@ def batch_order(
     return batches
 
 
-def split_batch(indices: list[int], lengths: list[int], max_tokens: int, extra_tokens: int = 0) -> list[list[int]]:
+def split_batch(
+    indices: list[int], lengths: list[int], max_tokens: int, extra_tokens: int = 0, shared_tokens: int = 0
+) -> list[list[int]]:
     """A batch as micro-batches of at most `max_tokens` padded tokens each: rows x (the longest
-    row + `extra_tokens`, the virtual tokens). Splitting sorts the rows longest first, so each
+    row + `extra_tokens`, the virtual tokens each row runs) + `shared_tokens` (those the rows
+    share, run once per micro-batch: the shared-prefix path's prompt). Splitting sorts the rows longest first, so each
     micro-batch pads to its own longest row; a batch within budget (or `max_tokens` 0) stays whole,
     and a row over the budget goes alone. Summed with the right weights (`training.py`), the
     micro-batches give the batch's gradient while holding only one micro-batch's activations."""
-    if not max_tokens or len(indices) * (max(lengths[i] for i in indices) + extra_tokens) <= max_tokens:
+    if not max_tokens or len(indices) * (max(lengths[i] for i in indices) + extra_tokens) + shared_tokens <= max_tokens:
         return [indices]
     pieces: list[list[int]] = [[]]
     for index in sorted(indices, key=lambda i: -lengths[i]):
         piece = pieces[-1]
-        if piece and (len(piece) + 1) * (lengths[piece[0]] + extra_tokens) > max_tokens:
+        if piece and (len(piece) + 1) * (lengths[piece[0]] + extra_tokens) + shared_tokens > max_tokens:
             pieces.append(piece := [])
         piece.append(index)
     return pieces

@@ -370,29 +370,33 @@ def log_metrics(path: Path, line: dict) -> None:
 
 
 def rank_micro_batches(
-    group: list[list[int]], lengths: list[int], max_batch_tokens: int, num_virtual_tokens: int, world: World
+    group: list[list[int]], lengths: list[int], max_batch_tokens: int, num_virtual_tokens: int, world: World,
+    prompt_once: bool,
 ) -> list[list[int]]:
-    """`world.rank`'s share of each of the step's batches, cut within `max_batch_tokens`."""
+    """`world.rank`'s share of each of the step's batches, cut within `max_batch_tokens` (the
+    virtual tokens counted once per micro-batch when `prompt_once`, the shared-prefix path)."""
+    per_row, shared = (0, num_virtual_tokens) if prompt_once else (num_virtual_tokens, 0)
     shares = [world.share(indices) for indices in group]
-    return [piece for share in shares if share for piece in split_batch(share, lengths, max_batch_tokens, num_virtual_tokens)]
+    return [piece for share in shares if share for piece in split_batch(share, lengths, max_batch_tokens, per_row, shared)]
 
 
 def step_micro_batches(
     group: list[list[int]], lengths: list[int], num_labelled: list[int], max_batch_tokens: int,
-    num_virtual_tokens: int, world: World, lockstep: bool,
+    num_virtual_tokens: int, world: World, lockstep: bool, prompt_once: bool = False,
 ) -> tuple[list[list[int]], list[float]]:
     """This rank's micro-batches of a step (row indices) and their loss weights. The step is
     `group`, its global batches; this rank takes its share of each and cuts it within
     `max_batch_tokens`. A weight is the micro-batch's share of the whole step's labelled tokens, so
     the weighted losses, summed over the micro-batches and the ranks, are the step's mean.
     `lockstep` (FSDP, whose forward and backward gather weights from every rank) pads every rank to
-    the same number of micro-batches with the step's first row at weight 0."""
+    the same number of micro-batches with the step's first row at weight 0. `prompt_once`: the
+    loss runs the prompt once per micro-batch (`shared_prefix.py`), so the budget counts it once."""
     step_labelled = max(1, sum(num_labelled[i] for indices in group for i in indices))
-    pieces = rank_micro_batches(group, lengths, max_batch_tokens, num_virtual_tokens, world)
+    pieces = rank_micro_batches(group, lengths, max_batch_tokens, num_virtual_tokens, world, prompt_once)
     weights = [sum(num_labelled[i] for i in piece) / step_labelled for piece in pieces]
     if lockstep:
         most = max(
-            len(rank_micro_batches(group, lengths, max_batch_tokens, num_virtual_tokens, World(rank, world.size)))
+            len(rank_micro_batches(group, lengths, max_batch_tokens, num_virtual_tokens, World(rank, world.size), prompt_once))
             for rank in range(world.size)
         )
         padding = most - len(pieces)
@@ -724,7 +728,8 @@ def loop(run: Run) -> dict:
 
             # This rank's share of the step's batches, cut into micro-batches within --max-batch-tokens.
             pieces, weights = step_micro_batches(
-                group, lengths, num_labelled, optim.max_batch_tokens, num_virtual, world, run.config.model.fsdp
+                group, lengths, num_labelled, optim.max_batch_tokens, num_virtual, world, run.config.model.fsdp,
+                prompt_once=run.loss_fn is shared_prefix_loss,
             )
             micro_batches = [collate([run.train_examples[i] for i in piece], run.pad_token_id) for piece in pieces]
             step_loss, grad_norm, finite = train_step(

@@ -104,6 +104,10 @@ def test_split_batch_keeps_each_micro_batch_within_the_token_budget():
     # Within budget, or no budget: the batch stays whole and in its order.
     assert split_batch([2, 0], lengths, 14, extra_tokens=2) == [[2, 0]]
     assert split_batch([0, 1, 2, 3, 4, 5], lengths, 0, extra_tokens=2) == [[0, 1, 2, 3, 4, 5]]
+    # A prompt the rows share counts once per micro-batch: 2 x 5 + 4 fits 14; 2 x (5 + 4) does not.
+    assert split_batch([2, 0], lengths, 14, shared_tokens=4) == [[2, 0]]
+    assert split_batch([2, 0], lengths, 14, extra_tokens=4) == [[0], [2]]
+    assert split_batch([0, 1, 2, 3, 4, 5], lengths, 20, shared_tokens=4) == [[4], [1], [3, 0], [5, 2]]
 
 
 def test_local_files_load(tmp_path):

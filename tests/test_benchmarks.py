@@ -68,7 +68,7 @@ def test_bench_train_reports_every_side(tmp_path):
 def test_bench_train_finds_the_largest_batch_up_to_the_limit(tmp_path):
     run("bench_train.py", tmp_path, "--num-virtual-tokens", "4", "--sides", "ours", "peft-trainer",
         "--largest-batch", "--batch-size", "4", "--batch-limit", "8")
-    results = json.loads((tmp_path / "largest-batch-tiny-bloom-fp32-b4.json").read_text())["results"]
+    results = json.loads((tmp_path / "largest-batch-tiny-bloom-v4-fp32-b4.json").read_text())["results"]
     assert list(results) == ["ours", "peft-trainer"]
     for found in results.values():  # nothing runs out of memory here: both sizes train, the limit stops it
         assert [entry["batch_size"] for entry in found["tried"]] == [4, 8]

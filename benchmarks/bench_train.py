@@ -7,6 +7,9 @@ a plain loop, on the same model, rows, batch size, lr, epochs, virtual tokens an
 
 Each side runs in a fresh process (so peak memory is its own) and prints one JSON line; this
 script then prints the table with ratios ours/peer and writes benchmarks/results/train-*.md/.json.
+Beside the times: the whole process's time, the positions and model FLOPs each side computed per
+epoch (ours on the shared-prefix path and with --no-shared-prefix; PEFT runs B x (V + T) positions
+and its LM head on all of them), and the model TFLOP/s against this machine's measured matmul peak.
 Without --model it builds `--arch`: a tiny BLOOM (seconds; what the test runs) or the bloomz-560m
 architecture with random weights (the real model's cost). `--largest-batch` instead doubles the
 batch, on the longest rows, until a side fails (runs out of memory) or reaches `--batch-limit`.
@@ -35,7 +38,7 @@ from soft_prompt.files import portable_path
 RESULTS = Path(__file__).parent / "results"
 HATE_TEMPLATE = TASKS["hate"]["template"]
 PROMPTS_TEMPLATE = TASKS["prompts"]["template"]
-SIDES = ("defaults", "plain", "ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop")
+SIDES = ("defaults", "defaults-no-shared-prefix", "plain", "ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop")
 
 
 class PeakMemory:
@@ -109,6 +112,11 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
         model,
         PromptTuningConfig(task_type=TaskType.CAUSAL_LM, prompt_tuning_init=PromptTuningInit.RANDOM, num_virtual_tokens=args.num_virtual_tokens),
     )
+    # Every pass of the frozen decoder, (rows, V + T): what PEFT computes, counted as it runs.
+    passes: list[tuple[int, int]] = []
+    model.get_decoder().register_forward_pre_hook(
+        lambda module, inputs, kwargs: passes.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     if use_trainer:
         training_args = TrainingArguments(
@@ -121,7 +129,8 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
         dataset = Dataset.from_dict({"input_ids": token_rows})
         trainer = Trainer(model=peft_model, args=training_args, train_dataset=dataset, data_collator=collator)
         train_seconds = trainer.train().metrics["train_runtime"]
-        return {"prompt": peft_model.prompt_encoder["default"].embedding.weight.detach().cpu(), "train_seconds": train_seconds}
+        return {"prompt": peft_model.prompt_encoder["default"].embedding.weight.detach().cpu(), "train_seconds": train_seconds,
+                "passes": passes}
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peft_model.to(device).train()
@@ -150,14 +159,17 @@ def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - started
-    return {"prompt": peft_model.prompt_encoder["default"].embedding.weight.detach().cpu(), "train_seconds": train_seconds}
+    return {"prompt": peft_model.prompt_encoder["default"].embedding.weight.detach().cpu(), "train_seconds": train_seconds,
+            "passes": passes}
 
 
 def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
     """The shipped loop (`soft_prompt.training.train`). `defaults` is given only the tutorial's own
-    settings (what a new user types), so it runs whatever train.py chooses by default; `plain` turns
-    every lever off (the plain shuffle, whole batches, fp32 weights, the attention kernel the model
-    loads with: the defaults before they were made fast). The other sides set each lever: `ours`
+    settings (what a new user types), so it runs whatever train.py chooses by default;
+    `defaults-no-shared-prefix` is that with `--no-shared-prefix` (the prompt run in every row);
+    `plain` turns every lever off (the plain shuffle, whole batches, fp32 weights, the attention
+    kernel the model loads with, the prompt in every row: the defaults before they were made fast).
+    The other sides set each lever: `ours`
     length-grouped batches, whole, with fp32 weights (bf16/fp16 with --ours-model-dtype);
     `ours-micro-batches` adds `--max-batch-tokens` and `ours-checkpointed` gradient checkpointing
     (each trades time for activation memory in its own way)."""
@@ -181,12 +193,63 @@ def run_ours(args, model_dir: str, rows: list[dict], template: str) -> dict:
         "attention": meta_model(model_dir).config._attn_implementation if args.side == "plain" else args.ours_attention,
         "gradient_checkpointing": args.side == "ours-checkpointed",
         "max_batch_tokens": args.max_batch_tokens if args.side == "ours-micro-batches" else 0,
+        "shared_prefix": args.side != "plain",
     }
-    config = resolve_config(tutorial if args.side == "defaults" else {**tutorial, **levers})
+    settings = {"defaults": tutorial, "defaults-no-shared-prefix": {**tutorial, "shared_prefix": False}}
+    config = resolve_config(settings.get(args.side, {**tutorial, **levers}))
     summary = train(config)
     prompt = load_file(Path(config.run.output_dir) / "last" / "adapter_model.safetensors")["prompt_embeddings"]
     automatic = json.loads((Path(config.run.output_dir) / "train_config.json").read_text())["automatic"]
-    return {"prompt": prompt, "train_seconds": summary["train_seconds"], "automatic": automatic}
+    return {"prompt": prompt, "train_seconds": summary["train_seconds"], "automatic": automatic, "config": config}
+
+
+def ours_cost(config, automatic: dict) -> dict:
+    """What `train(config)` computed: its micro-batches rebuilt with the loop's own functions (its
+    tokenisation, batch order and cuts, `automatic`'s budget), each counted by `batch_cost` on the
+    loss path it ran. The LM head runs only on the labelled tokens."""
+    from soft_prompt.data import batch_order
+    from soft_prompt.distributed import World
+    from soft_prompt.masks import IGNORE_INDEX
+    from soft_prompt.shared_prefix import batch_cost
+    from soft_prompt.training import load_data_rows, step_micro_batches, tokenize_data
+
+    examples, _ = tokenize_data(config, load_tokenizer(config.model.model), *load_data_rows(config))
+    lengths = [len(example.input_ids) for example in examples]
+    labelled = [sum(label != IGNORE_INDEX for label in example.labels) for example in examples]
+    num_virtual, optim = config.prompt.num_virtual_tokens, config.optim
+    budget = automatic.get("max_batch_tokens", optim.max_batch_tokens)
+    pieces = []
+    for epoch in range(optim.epochs):
+        batches = batch_order(lengths, optim.batch_size, config.run.seed, epoch, config.data.group_by_length)
+        for start in range(0, len(batches), optim.grad_accum):
+            group = batches[start : start + optim.grad_accum]
+            pieces += step_micro_batches(group, lengths, labelled, budget, num_virtual, World(), lockstep=False)[0]
+    base_model, shared = meta_model(config.model.model), automatic["loss_path"] == "shared prefix"
+    costs = [
+        batch_cost(base_model, num_virtual, len(piece), max(lengths[i] for i in piece), sum(labelled[i] for i in piece), shared)
+        for piece in pieces
+    ]
+    return {
+        "positions": sum(cost.positions for cost in costs), "flops": sum(cost.flops for cost in costs),
+        "head_positions": sum(labelled[i] for piece in pieces for i in piece), "micro_batches": len(pieces),
+        "loss_path": automatic["loss_path"],
+    }
+
+
+def peft_cost(model_dir: str, num_virtual: int, passes: list[tuple[int, int]]) -> dict:
+    """What PEFT computed: every decoder pass it ran, `[B, V + T]`, counted by `batch_cost` on the
+    plain path with the LM head on all B x (V + T) positions (transformers' model forms the logits
+    of every position, prompt and padding included, and the backward multiplies their gradient,
+    zero where no label is, through the head too)."""
+    from soft_prompt.shared_prefix import batch_cost
+
+    base_model = meta_model(model_dir)
+    costs = [batch_cost(base_model, num_virtual, rows, length - num_virtual, rows * length, shared=False) for rows, length in passes]
+    return {
+        "positions": sum(cost.positions for cost in costs), "flops": sum(cost.flops for cost in costs),
+        "head_positions": sum(rows * length for rows, length in passes), "micro_batches": len(passes),
+        "loss_path": "plain (PEFT)",
+    }
 
 
 @torch.no_grad()
@@ -214,24 +277,36 @@ def run_side(args) -> dict:
     if args.largest_batch:
         return {"side": args.side, "tried": largest_batch(args)}
     rows, template = load_rows(args.data, args.rows)
-    tokenizer = load_tokenizer(args.model)
-    token_rows = tokenised_rows(tokenizer, rows, template, args.max_length)
+    peft = args.side.startswith("peft")
+    # PEFT's tutorial tokenises before it trains; ours tokenises inside train(), so the harness's
+    # copy for scoring waits until training is over (out of the whole-process time).
+    tokenizer = load_tokenizer(args.model) if peft else None
+    token_rows = tokenised_rows(tokenizer, rows, template, args.max_length) if peft else None
     result, seconds, memory = train_once(args, rows, template, tokenizer, token_rows)
-    # Model FLOPs of the training loop: about 4 x parameters per position (the forward, and the
-    # backward's activation-gradient half; the frozen weights get no gradient), over the real and
-    # virtual positions (not padding).
-    positions = args.epochs * sum(len(ids) + args.num_virtual_tokens for ids in token_rows)
+    trained = time.perf_counter()
+    if not peft:
+        tokenizer = load_tokenizer(args.model)
+        token_rows = tokenised_rows(tokenizer, rows, template, args.max_length)
+    cost = peft_cost(args.model, args.num_virtual_tokens, result["passes"]) if peft else ours_cost(result["config"], result["automatic"])
     return {
         "side": args.side,
         "seconds_per_epoch": seconds / args.epochs,
         "train_seconds_per_epoch": result["train_seconds"] / args.epochs,
         "cpu_seconds_per_epoch": result["cpu_seconds"] / args.epochs,
         "tokens_per_second": args.epochs * sum(len(ids) for ids in token_rows) / seconds,
-        "model_tflops_per_second": 4 * num_parameters(args.model) * positions / result["train_seconds"] / 1e12,
+        # the model FLOPs that ran (see ours_cost, peft_cost) over the training loop's own time
+        "model_tflops_per_second": cost["flops"] / result["train_seconds"] / 1e12,
+        "positions_per_epoch": cost["positions"] / args.epochs,
+        "head_positions_per_epoch": cost["head_positions"] / args.epochs,
+        "tflop_per_epoch": cost["flops"] / args.epochs / 1e12,
+        "micro_batches_per_epoch": cost["micro_batches"] / args.epochs,
+        "loss_path": cost["loss_path"],
         "peak_memory_mib": memory.peak / 2**20,
         "training_memory_mib": memory.extra / 2**20,
         "final_train_loss": final_loss(args.model, result["prompt"], tokenizer, token_rows, args.batch_size),
         **({"automatic": result["automatic"]} if "automatic" in result else {}),
+        # the harness's own work after training (scoring, counting), taken out of the process's time
+        "seconds_after_training": time.perf_counter() - trained,
     }
 
 
@@ -293,11 +368,6 @@ def meta_model(model_dir: str):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
 
 
-def num_parameters(model_dir: str) -> int:
-    """The model's parameter count (a tied LM head counted once), from its config alone."""
-    return sum(parameter.numel() for parameter in meta_model(model_dir).parameters())
-
-
 def save_random_model(arch: str, tokenizer_dir: str | None, directory: str) -> str:
     """A model folder for `--arch`: a tiny BLOOM, or bloomz-560m's architecture (24 layers, width
     1024, 16 heads, a 250,880-token vocabulary) with random weights and `tokenizer_dir`'s tokenizer
@@ -341,7 +411,8 @@ def main() -> None:
     parser.add_argument("--ours-model-dtype", action="store_true",
                         help="ours stores the frozen weights in --precision (bf16/fp16) instead of fp32 under autocast")
     parser.add_argument("--peak-tflops", type=float,
-                        help="the device's peak TFLOP/s at --precision, to report model-FLOPs utilisation (MFU)")
+                        help="the device's peak TFLOP/s at --precision for model-FLOPs utilisation (MFU); "
+                             "default: measured here (the best of 5 square matmuls)")
     parser.add_argument("--largest-batch", action="store_true",
                         help="find the largest batch each side trains on (the longest rows) instead of timing an epoch")
     parser.add_argument("--batch-limit", type=int, default=1024, help="--largest-batch stops doubling here")
@@ -360,6 +431,7 @@ def main() -> None:
     # absolute paths are printed relative to the checkout, so the recorded command runs on another machine
     command = " ".join(["python", "benchmarks/bench_train.py"] + [portable_path(a) for a in sys.argv[1:]])
     name = Path(args.model).name if args.model else args.arch
+    name += f"-v{args.num_virtual_tokens}" if args.num_virtual_tokens != 20 else ""
     name += f"-{args.precision}" + ("-weights" if args.ours_model_dtype else "")
     name += f"-{args.ours_attention}" if args.ours_attention != "auto" else ""
     name += f"-b{args.batch_size}" if args.batch_size != 8 else ""
@@ -368,26 +440,53 @@ def main() -> None:
         if args.largest_batch:
             write_largest_batch_report(args, name, largest_batches(args, model_arguments), command)
             return
+        peak = {"tflops": args.peak_tflops, "how": "given by --peak-tflops"} if args.peak_tflops else matmul_peak(args.precision)
         runs: dict[str, list[dict]] = {side: [] for side in args.sides}
         for seed in args.seeds:
             for side in args.sides:
-                runs[side].append(run_subprocess(side, ["--seed", str(seed)] + model_arguments))
-                print(f"{side} seed {seed}: {runs[side][-1]}", file=sys.stderr)
-    write_report(args, name, runs, command)
+                result, wall = run_subprocess(side, ["--seed", str(seed)] + model_arguments)
+                # Start to exit, as `time python train.py` would see it, less the harness's scoring.
+                result["process_seconds"] = wall - result.pop("seconds_after_training")
+                runs[side].append(result)
+                print(f"{side} seed {seed}: {result}", file=sys.stderr)
+    write_report(args, name, runs, command, peak)
 
 
-def run_subprocess(side: str, arguments: list[str]) -> dict:
-    """One side in a fresh process (the flags given to this script, then `arguments`, which win)."""
+def run_subprocess(side: str, arguments: list[str]) -> tuple[dict, float]:
+    """One side in a fresh process (the flags given to this script, then `arguments`, which win):
+    its JSON, and the seconds from starting the process to its exit."""
     command = [sys.executable, __file__] + sys.argv[1:] + ["--side", side] + arguments
+    started = time.perf_counter()
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return json.loads(output.strip().splitlines()[-1]), time.perf_counter() - started
+
+
+def matmul_peak(precision: str) -> dict:
+    """This machine's matmul peak at `precision`: the fastest of 5 square matmuls (8192 on a GPU,
+    2048 on a CPU, after one to warm up) through torch's own kernels, with the threads every side
+    gets. What "model-FLOPs utilisation" is measured against."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 8192 if device == "cuda" else 2048
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for _ in range(6):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"tflops": 2 * size**3 / min(times[1:]) / 1e12,
+            "how": f"measured here: the fastest of 5 {size}x{size} {precision} matmuls, {torch.get_num_threads()} threads"}
 
 
 def largest_batches(args, model_arguments: list[str]) -> dict[str, dict]:
     """Per side, the batch sizes tried and the largest that trained (see `largest_batch`)."""
     found = {}
     for side in args.sides:
-        tried = run_subprocess(side, model_arguments)["tried"]
+        tried = run_subprocess(side, model_arguments)[0]["tried"]
         fitted = [entry["batch_size"] for entry in tried if "error" not in entry]
         found[side] = {"largest": max(fitted, default=0), "reached_limit": not tried or "error" not in tried[-1], "tried": tried}
     return found
@@ -416,6 +515,7 @@ def summarise(side_runs: list[dict]) -> dict:
     losses = [run["final_train_loss"] for run in side_runs]
     return {
         "seconds_per_epoch": statistics.median(run["seconds_per_epoch"] for run in side_runs),
+        "process_seconds": statistics.median(run["process_seconds"] for run in side_runs),
         "cpu_seconds_per_epoch": statistics.median(run["cpu_seconds_per_epoch"] for run in side_runs),
         "model_tflops_per_second": statistics.median(run["model_tflops_per_second"] for run in side_runs),
         "tokens_per_second": statistics.median(run["tokens_per_second"] for run in side_runs),
@@ -423,15 +523,18 @@ def summarise(side_runs: list[dict]) -> dict:
         "training_memory_mib": max(run["training_memory_mib"] for run in side_runs),
         "final_train_loss": statistics.fmean(losses),
         "final_train_loss_stdev": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+        # the counts depend on the seed only through the batches' padding: their mean
+        "positions_per_epoch": statistics.fmean(run["positions_per_epoch"] for run in side_runs),
+        "tflop_per_epoch": statistics.fmean(run["tflop_per_epoch"] for run in side_runs),
+        "loss_path": side_runs[0]["loss_path"],
         "runs": side_runs,
     }
 
 
-def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> None:
+def write_report(args, name: str, runs: dict[str, list[dict]], command: str, peak: dict) -> None:
     """The figures per side, then each of our sides against each PEFT side (ratio < 1: ours less)."""
     results = {side: summarise(side_runs) for side, side_runs in runs.items()}
     seeds = ", ".join(map(str, args.seeds))
-    mfu = f" MFU is the loop's model TFLOP/s over a peak of {args.peak_tflops} TFLOP/s." if args.peak_tflops else ""
     lines = [
         f"# Training: ours vs PEFT ({name})",
         "",
@@ -441,25 +544,40 @@ def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> 
         "every side, and the batch order). Time and memory run from before the model is loaded to the end of "
         "training: the median time over the seeds, the highest memory (CUDA max allocated, or the process's "
         "peak RSS on CPU); CPU s is the process's CPU time over the same span, all threads (it counts the "
-        "threads' spin-waiting too, so on a loaded machine it swings as well). Model TFLOP/s: 4 x parameters x (real + virtual positions) over the training "
-        f"loop's own time (no loading).{mfu} The loss is each side's trained prompt scored the same way on all "
-        "the rows (the frozen model's own loss, fp32), averaged over the seeds (± the standard deviation). "
+        "threads' spin-waiting too, so on a loaded machine it swings as well). Whole process: the side's "
+        "process from its start to its exit (imports, data, loading, training, saving), less the harness's "
+        "own scoring after training; the median over the seeds. Positions: what the frozen decoder computed "
+        "in an epoch, padding included (the prompt once per micro-batch, V + B x T, on the shared-prefix path; "
+        "B x (V + T) on the plain one), the mean over the seeds. TFLOP: the matmuls that ran, counted by "
+        "`soft_prompt.shared_prefix.batch_cost` on each micro-batch or PEFT pass: 2 per weight and position "
+        "forward, 2 more backward (the input's gradient; the frozen weights get none), attention's scores and "
+        "mixing over each pass's (queries, keys) block, and the LM head on the labelled tokens (ours) or on all "
+        "B x (V + T) positions (PEFT: transformers forms every position's logits and multiplies their gradient "
+        "back through the head). Model TFLOP/s: that over the training loop's own time (no loading); MFU: it "
+        f"over this machine's matmul peak, {peak['tflops']:.3g} TFLOP/s ({peak['how']}). The loss is each "
+        "side's trained prompt scored the same way on all the rows (the frozen model's own loss, fp32), "
+        "averaged over the seeds (± the standard deviation). "
         + side_notes(args, runs) + (f" {args.note}" if args.note else ""),
         "",
-        "| side | s/epoch | CPU s/epoch | tokens/s | model TFLOP/s | peak memory (MiB) | rise above start (MiB) | loss after training |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| side | s/epoch | CPU s/epoch | tokens/s | model TFLOP/s | peak memory (MiB) | rise above start (MiB) | "
+        "loss after training | whole process s | positions/epoch | TFLOP/epoch | loss path |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for side, figures in results.items():
-        tflops = f"{figures['model_tflops_per_second']:.3g}"
-        if args.peak_tflops:
-            tflops += f" (MFU {figures['model_tflops_per_second'] / args.peak_tflops:.1%})"
+        tflops = f"{figures['model_tflops_per_second']:.3g} (MFU {figures['model_tflops_per_second'] / peak['tflops']:.1%})"
         lines.append(
             f"| {side} | {figures['seconds_per_epoch']:.2f} | {figures['cpu_seconds_per_epoch']:.2f} | "
             f"{figures['tokens_per_second']:.0f} | {tflops} | "
             f"{figures['peak_memory_mib']:.0f} | {figures['training_memory_mib']:.0f} | "
-            f"{figures['final_train_loss']:.4f} ± {figures['final_train_loss_stdev']:.4f} |"
+            f"{figures['final_train_loss']:.4f} ± {figures['final_train_loss_stdev']:.4f} | "
+            f"{figures['process_seconds']:.2f} | {figures['positions_per_epoch']:.0f} | "
+            f"{figures['tflop_per_epoch']:.4g} | {figures['loss_path']} |"
         )
-    lines += ["", "| ours / peer | time | CPU time | peak memory | rise above start | loss |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| ours / peer | time | CPU time | peak memory | rise above start | loss | whole process | positions | FLOPs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for ours in (side for side in results if not side.startswith("peft")):
         for peer in (side for side in results if side.startswith("peft")):
             a, b = results[ours], results[peer]
@@ -468,19 +586,26 @@ def write_report(args, name: str, runs: dict[str, list[dict]], command: str) -> 
                 f"{a['cpu_seconds_per_epoch'] / b['cpu_seconds_per_epoch']:.2f} | "
                 f"{a['peak_memory_mib'] / b['peak_memory_mib']:.2f} | "
                 f"{a['training_memory_mib'] / b['training_memory_mib']:.2f} | "
-                f"{a['final_train_loss'] / b['final_train_loss']:.3f} |"
+                f"{a['final_train_loss'] / b['final_train_loss']:.3f} | "
+                f"{a['process_seconds'] / b['process_seconds']:.2f} | "
+                f"{a['positions_per_epoch'] / b['positions_per_epoch']:.2f} | "
+                f"{a['tflop_per_epoch'] / b['tflop_per_epoch']:.2f} |"
             )
-    write_files(args, f"train-{name}", "\n".join(lines) + "\n", {"command": command, "results": results})
+    write_files(args, f"train-{name}", "\n".join(lines) + "\n", {"command": command, "matmul_peak": peak, "results": results})
 
 
 def side_notes(args, runs: dict[str, list[dict]]) -> str:
     """What each of our sides that ran sets, as the report says it (the `defaults` side with what
     its automatic fields resolved to)."""
     automatic = runs["defaults"][0]["automatic"] if runs.get("defaults") else {}
-    resolved = ", ".join(f"--{name.replace('_', '-')} auto = {value}" for name, value in automatic.items())
+    resolved = ", ".join(  # the loss path has its own column
+        f"--{name.replace('_', '-')} auto = {value}" for name, value in automatic.items() if name != "loss_path"
+    )
     notes = {
         "defaults": f"train.py given only the tutorial's settings (length-grouped batches; here {resolved})",
-        "plain": "every lever off (plain shuffle, whole batches, fp32 weights, the model's own attention kernel: the defaults before they were made fast)",
+        "defaults-no-shared-prefix": "`defaults` with `--no-shared-prefix` (the prompt's V positions computed in every row)",
+        "plain": "every lever off (plain shuffle, whole batches, fp32 weights, the model's own attention kernel, "
+                 "--no-shared-prefix: the defaults before they were made fast)",
         "ours": f"length-grouped batches, whole, with {args.precision if args.ours_model_dtype else 'fp32'} weights"
                 + (f", --attention {args.ours_attention}" if args.ours_attention != "auto" else ""),
         "ours-micro-batches": f"`ours` with `--max-batch-tokens {args.max_batch_tokens}`",

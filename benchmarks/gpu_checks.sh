@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # The CUDA figures of the speed work, in one run on a lent GPU (planned for an H200 at under 10
-# minutes): the CUDA paths of the tests, then bench_train on the bloomz-560m architecture with random
-# weights in bf16 (autocast on every side; then ours with bf16 weights, and with BLOOM's SDPA
-# attention), at batch 8 and 32, with model-FLOPs utilisation, then the largest batch each side
-# trains on. Reports go to benchmarks/results,
-# and as one archive to $OUT when it is set (the device tool brings back at most 8 files).
+# minutes): the CUDA paths of the tests; the shared-prefix comparison (issue 23: defaults on the
+# shared-prefix path and with --no-shared-prefix against PEFT + Trainer and PEFT's loop) on SmolLM2
+# at V = 20 and V = 100 and on the bloomz-560m architecture; then bench_train on the bloomz-560m
+# architecture with random weights in bf16 (autocast on every side; then ours with bf16 weights,
+# and with BLOOM's SDPA attention), at batch 8 and 32, with model-FLOPs utilisation against the
+# GPU's measured matmul peak (PEAK_TFLOPS=N gives one instead), then the largest batch each side
+# trains on. Reports go to benchmarks/results, and as one archive to $OUT when it is set (the
+# device tool brings back at most 8 files).
 #
-#   TOKENIZER=DIR DATA=ethos_binary_train.jsonl bash benchmarks/gpu_checks.sh
+#   MODEL=DIR TOKENIZER=DIR DATA=ethos_binary_train.jsonl bash benchmarks/gpu_checks.sh
 #
+# MODEL: SmolLM2-135M-Instruct's folder (without it the SmolLM2 rows are skipped; with
+# ARCH=tiny-bloom they run on the tiny BLOOM).
 # TOKENIZER: a tokenizer folder (SmolLM2's: a few MB; the model has bloomz-560m's 250,880 ids, so
 # any tokenizer with fewer fits); DATA: the ETHOS train rows (both must travel inside the checkout,
 # e.g. in a folder that .git/info/exclude ignores, named in `carry`). The machine must have torch
@@ -17,7 +22,6 @@
 set -euo pipefail
 : "${TOKENIZER:?set TOKENIZER to a tokenizer folder}" "${DATA:?set DATA to an ETHOS-shaped .jsonl}"
 ARCH=${ARCH:-bloomz-560m}
-PEAK_TFLOPS=${PEAK_TFLOPS:-790}  # a dense bf16 8192^3 matmul on this workplace's H200 (device KINDS.md)
 RESULTS=benchmarks/results
 ROWS=${ROWS:-160}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -25,8 +29,24 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=$PWD
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
 python3 -m pytest -q tests/test_train.py tests/test_speed_options.py tests/test_loss.py 2>&1 | tail -3
 
+# bench_train measures the matmul peak itself unless PEAK_TFLOPS is set.
+peak=(${PEAK_TFLOPS:+--peak-tflops "$PEAK_TFLOPS"})
 common=(--arch "$ARCH" --tokenizer "$TOKENIZER" --data "$DATA" --rows "$ROWS" --precision bf16
-        --peak-tflops "$PEAK_TFLOPS" --output-dir "$RESULTS")
+        "${peak[@]}" --output-dir "$RESULTS")
+
+# The shared-prefix path against the plain one and PEFT, side by side (issue 23's targets):
+# SmolLM2, 160 rows, at V = 20 and V = 100 (one seed each, to fit the device time); the bloomz-560m
+# architecture's row is the first run below, which has every side.
+if [ "$ARCH" = tiny-bloom ]; then smollm2=(--arch tiny-bloom); else smollm2=(${MODEL:+--model "$MODEL"}); fi
+if [ ${#smollm2[@]} -gt 0 ]; then
+    for virtual in 20 100; do
+        python3 benchmarks/bench_train.py "${smollm2[@]}" --data "$DATA" --rows 160 --precision bf16 "${peak[@]}" \
+            --output-dir "$RESULTS" --num-virtual-tokens "$virtual" --sides defaults defaults-no-shared-prefix peft-trainer peft-loop
+    done
+else
+    echo "MODEL unset: the SmolLM2 rows are skipped"
+fi
+
 # Every side under bf16 autocast (`defaults`: what train.py picks on CUDA by itself); then ours
 # alone with each GPU lever added: bf16 weights, SDPA.
 python3 benchmarks/bench_train.py "${common[@]}"

@@ -5,6 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from transformers import AutoConfig
+
+from soft_prompt.tiny import save_tiny_model
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -14,25 +19,56 @@ def run(script, tmp_path, *arguments):
 
 
 def test_bench_train_reports_every_side(tmp_path):
-    run("bench_train.py", tmp_path, "--rows", "16", "--num-virtual-tokens", "4", "--max-batch-tokens", "40")
-    results = json.loads((tmp_path / "train-tiny-bloom-fp32.json").read_text())["results"]
-    assert list(results) == ["defaults", "plain", "ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop"]
+    # 16 rows in one batch of 16: every side computes the same batch, so the counts compare exactly.
+    V = 4
+    run("bench_train.py", tmp_path, "--rows", "16", "--batch-size", "16", "--num-virtual-tokens", str(V),
+        "--max-batch-tokens", "40")
+    results = json.loads((tmp_path / "train-tiny-bloom-v4-fp32-b16.json").read_text())["results"]
+    assert list(results) == ["defaults", "defaults-no-shared-prefix", "plain", "ours", "ours-micro-batches",
+                             "ours-checkpointed", "peft-trainer", "peft-loop"]
     for figures in results.values():
         assert figures["seconds_per_epoch"] > 0 and figures["peak_memory_mib"] > 0
         assert len(figures["runs"]) == 1 and figures["model_tflops_per_second"] > 0  # one seed
+        # start to exit holds the loading and the epoch, and the imports besides
+        assert figures["process_seconds"] > figures["seconds_per_epoch"]
     # Gradient checkpointing recomputes, it does not change the result: the same prompt, the same loss;
     # micro-batches give the same gradient up to the order of the sums.
     assert results["ours-checkpointed"]["final_train_loss"] == results["ours"]["final_train_loss"]
     assert abs(results["ours-micro-batches"]["final_train_loss"] / results["ours"]["final_train_loss"] - 1) < 1e-5
     # Same init, rows and schedule (other batch order): the trained prompts reach nearly the same loss.
     assert abs(results["ours"]["final_train_loss"] / results["peft-loop"]["final_train_loss"] - 1) < 0.05
-    assert "| peft-trainer |" in (tmp_path / "train-tiny-bloom-fp32.md").read_text()
+    assert "| peft-trainer |" in (tmp_path / "train-tiny-bloom-v4-fp32-b16.md").read_text()
+
+    # Positions: PEFT runs B x (V + T); so does ours on the plain path (asked for, or under checkpointing).
+    run_of = {side: figures["runs"][0] for side, figures in results.items()}
+    plain = run_of["peft-trainer"]["positions_per_epoch"]
+    paths = {side: figures["loss_path"] for side, figures in results.items()}
+    assert paths == {"defaults": "shared prefix", "defaults-no-shared-prefix": "plain (--no-shared-prefix)",
+                     "plain": "plain (--no-shared-prefix)", "ours": "shared prefix", "ours-micro-batches": "shared prefix",
+                     "ours-checkpointed": paths["ours-checkpointed"], "peft-trainer": "plain (PEFT)", "peft-loop": "plain (PEFT)"}
+    assert paths["ours-checkpointed"].startswith("plain (gradient checkpointing")
+    for side in ("peft-loop", "defaults-no-shared-prefix", "plain", "ours-checkpointed"):
+        assert run_of[side]["positions_per_epoch"] == plain
+    # The shared-prefix path computes the prompt once for the 16 rows: V + B x T.
+    assert run_of["defaults"]["positions_per_epoch"] == run_of["ours"]["positions_per_epoch"] == plain - 15 * V
+    # Within 40 tokens every row is its own micro-batch, padded to itself: 16 prompts and every real token.
+    labelled = run_of["ours"]["head_positions_per_epoch"]  # every real token is a label (--loss-on all)
+    assert run_of["ours-micro-batches"]["micro_batches_per_epoch"] == 16
+    assert run_of["ours-micro-batches"]["positions_per_epoch"] == 16 * V + labelled
+    # The same decoder passes, and the LM head on all positions (PEFT) or the labelled ones (ours):
+    # 4 FLOPs per head weight and position, forward and the input's gradient.
+    config = AutoConfig.from_pretrained(save_tiny_model(tmp_path / "tiny", "bloom"))
+    head_flops = 4 * config.vocab_size * config.hidden_size * (plain - labelled)
+    assert run_of["peft-trainer"]["head_positions_per_epoch"] == plain
+    assert (run_of["peft-trainer"]["tflop_per_epoch"] - run_of["defaults-no-shared-prefix"]["tflop_per_epoch"]) * 1e12 == \
+        pytest.approx(head_flops, rel=1e-9)
+    assert run_of["defaults"]["tflop_per_epoch"] < run_of["defaults-no-shared-prefix"]["tflop_per_epoch"]
 
 
 def test_bench_train_finds_the_largest_batch_up_to_the_limit(tmp_path):
     run("bench_train.py", tmp_path, "--num-virtual-tokens", "4", "--sides", "ours", "peft-trainer",
         "--largest-batch", "--batch-size", "4", "--batch-limit", "8")
-    results = json.loads((tmp_path / "largest-batch-tiny-bloom-fp32-b4.json").read_text())["results"]
+    results = json.loads((tmp_path / "largest-batch-tiny-bloom-v4-fp32-b4.json").read_text())["results"]
     assert list(results) == ["ours", "peft-trainer"]
     for found in results.values():  # nothing runs out of memory here: both sizes train, the limit stops it
         assert [entry["batch_size"] for entry in found["tried"]] == [4, 8]

@@ -218,13 +218,15 @@ def ours_cost(config, automatic: dict) -> dict:
     labelled = [sum(label != IGNORE_INDEX for label in example.labels) for example in examples]
     num_virtual, optim = config.prompt.num_virtual_tokens, config.optim
     budget = automatic.get("max_batch_tokens", optim.max_batch_tokens)
+    shared = automatic["loss_path"] == "shared prefix"
     pieces = []
     for epoch in range(optim.epochs):
         batches = batch_order(lengths, optim.batch_size, config.run.seed, epoch, config.data.group_by_length)
         for start in range(0, len(batches), optim.grad_accum):
             group = batches[start : start + optim.grad_accum]
-            pieces += step_micro_batches(group, lengths, labelled, budget, num_virtual, World(), lockstep=False)[0]
-    base_model, shared = meta_model(config.model.model), automatic["loss_path"] == "shared prefix"
+            pieces += step_micro_batches(group, lengths, labelled, budget, num_virtual, World(), lockstep=False,
+                                         prompt_once=shared)[0]
+    base_model = meta_model(config.model.model)
     costs = [
         batch_cost(base_model, num_virtual, len(piece), max(lengths[i] for i in piece), sum(labelled[i] for i in piece), shared)
         for piece in pieces

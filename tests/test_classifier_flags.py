@@ -46,7 +46,7 @@ def flags(model_dir: str, data: str, output_dir, *extra: str) -> list[str]:
     # 30 train rows, 10 validation rows; batches of 8: 4 steps an epoch
     return ["--model", model_dir, "--data", data, "--template", HATE, "--output-dir", str(output_dir),
             "--num-virtual-tokens", "4", "--batch-size", "8", "--val-fraction", "0.25", "--loss-on", "completion",
-            "--epochs", "1", *extra]  # fmt: skip
+            "--epochs", "1", "--precision", "fp32", *extra]  # fmt: skip
 
 
 def metadata(directory) -> dict:

@@ -16,7 +16,7 @@ from soft_prompt.description import (
     stop_token_ids,
 )
 from soft_prompt.model import SoftPromptModel
-from soft_prompt.tiny import ARCHITECTURES, build_model, build_tokenizer
+from soft_prompt.tiny import ARCHITECTURES, build_tiny_model, build_tokenizer
 
 TEXT = "the cat is lovely and my neighbour made me smile"
 
@@ -28,7 +28,7 @@ def tokenizer():
 
 def tiny_prompted_model(architecture: str, tokenizer, **metadata) -> SoftPromptModel:
     # initializer_range 0.3: sharp enough that a patch changes the greedy tokens
-    base_model = build_model(architecture, len(tokenizer), initializer_range=0.3)
+    base_model = build_tiny_model(architecture, len(tokenizer), initializer_range=0.3)
     return SoftPromptModel(base_model, 4, tokenizer=tokenizer, seed=0, metadata=metadata)
 
 

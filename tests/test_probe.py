@@ -3,7 +3,7 @@ import torch
 from soft_prompt.chance import text_script_shares
 from soft_prompt.model import SoftPromptModel
 from soft_prompt.probe import probe
-from soft_prompt.tiny import build_model, build_tokenizer
+from soft_prompt.tiny import build_tiny_model, build_tokenizer
 
 
 def reference_continuation(model: SoftPromptModel, text: str, max_new_tokens: int, penalty: float) -> list[int]:
@@ -23,7 +23,7 @@ def reference_continuation(model: SoftPromptModel, text: str, max_new_tokens: in
 
 def test_probe_gives_the_greedy_continuation_and_its_scripts():
     tokenizer = build_tokenizer()
-    model = SoftPromptModel(build_model("llama", len(tokenizer), initializer_range=0.3), 4, tokenizer=tokenizer, seed=0)
+    model = SoftPromptModel(build_tiny_model("llama", len(tokenizer), initializer_range=0.3), 4, tokenizer=tokenizer, seed=0)
     model.train()
     texts = ["the cat is lovely", "my neighbour"]  # different lengths: one row is padded
     lines = probe(model, texts, max_new_tokens=12)

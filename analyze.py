@@ -3,6 +3,7 @@ virtual tokens carry the task.
 
     python analyze.py runs/hate/best --model bigscience/bloomz-560m
     python analyze.py runs/hate/best --model M --data test.jsonl --rows 32 --json figures.json --plot plots/
+    python analyze.py runs/hate/best --model M --describe --json figures.json --plot plots/
 
 Errors are one line on stderr and exit code 2. The work is in soft_prompt/analysis.py.
 """
@@ -24,6 +25,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", help="rows in the checkpoint's template (.jsonl, ...): ablation, hard prompt, attention")
     parser.add_argument("--rows", type=int, default=32, help="use the first N rows of --data")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--describe", action="store_true",
+                        help="the model describes the prompt: InSPEcT's patching over source x target layers, with the "
+                             "initial prompt and random vectors as controls (minutes on a CPU)")
+    parser.add_argument("--layers", type=int, nargs="+", metavar="L",
+                        help="with --describe: the decoder layers (0-based, the input of layer L) swept on both axes "
+                             "(default: about 8 evenly spaced from 0, every layer of a shallow model)")
+    parser.add_argument("--reference", action="append", metavar="TEXT",
+                        help="with --describe: a text to score the descriptions against by ROUGE-L (repeatable; "
+                             "default: the checkpoint's init text)")
     parser.add_argument("--json", help="write every figure here")
     parser.add_argument("--plot", help="write PNGs into this folder")
     parser.add_argument("--device", default="auto", help="auto (default): cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps")

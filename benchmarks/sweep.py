@@ -104,6 +104,7 @@ def run_cell(cell: Cell, options: argparse.Namespace, files: dict[str, Path], la
         "output_dir": str(run_dir),
         "save_every": 0,
         "eval_every": 10**9,  # the eval loss once, after the last step
+        "probe": options.probe or [],
     })
     started = time.perf_counter()
     summary = train(config)
@@ -121,7 +122,18 @@ def run_cell(cell: Cell, options: argparse.Namespace, files: dict[str, Path], la
         "seconds": time.perf_counter() - started,
         "device": config.model.device,
         "steps": summary["steps"],
+        "probe_han": last_probe_han_share(run_dir / "metrics.jsonl"),
     }
+
+
+def last_probe_han_share(metrics_file: Path) -> float | None:
+    """The Han share of the letters of the last --probe continuations (mean over the probe texts),
+    the tutorial's "it answers in Chinese" as a number; None when the run logged no probe."""
+    lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    probes = [line["probe"] for line in lines if "probe" in line]
+    if not probes:
+        return None
+    return sum(entry["scripts"].get("Han", 0.0) for entry in probes[-1]) / len(probes[-1])
 
 
 def base_scores(options: argparse.Namespace, labels: list[str], eval_rows: list[dict]) -> dict:
@@ -156,11 +168,15 @@ def write_tables(output_dir: Path, results: list[dict], base: dict, setting: dic
         "| init | V | lr | loss on | seed | train loss | eval loss | accuracy | macro-F1 | seconds | device |",
         "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    probed = any(r.get("probe_han") is not None for r in results)  # a column only when cells ran --probe
+    if probed:
+        lines[-2:] = [lines[-2] + " Han (probe) |", lines[-1] + " ---: |"]
     for r in results:
         lines.append(
             f"| {r['init']} | {r['num_virtual_tokens']} | {r['lr']:g} | {r['loss_on']} | {r['seed']} | "
             f"{r['train_loss']:.3f} | {r['eval_loss']:.3f} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | "
             f"{r['seconds']:.0f} | {r['device']} |"
+            + (f" {'-' if r.get('probe_han') is None else format(r['probe_han'], '.2f')} |" if probed else "")
         )
     write_atomic(output_dir / "sweep.md", ("\n".join(lines) + "\n").encode())
 
@@ -289,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--template", default=TASKS["hate"]["template"])
     parser.add_argument("--init-text", default=HATE_INIT_TEXT, help="for the text-initialised cells")
     parser.add_argument("--labels", nargs="+", help="label words (default: the values of the template's last field)")
+    parser.add_argument("--probe", action="append", metavar="TEXT",
+                        help="train.py's --probe in every cell (repeatable); the tables give the last probe's Han share")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     parser.add_argument("--cells", nargs="+", metavar="NAME", help="run only these cells of the grid (e.g. another seed of "
                         "the best ones); the tables still show every finished cell")

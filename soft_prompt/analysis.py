@@ -10,6 +10,11 @@ With rows (`analyze(..., rows=...)`):
     ablation         loss and accuracy with virtual token i replaced by the mean vocabulary embedding
     hard prompt      each virtual token replaced by its nearest token's embedding: a real text prompt
     attention        the share of attention the text positions give to the virtual tokens, per layer
+Chance: the nearest-token cosines, the scripts, the pairwise cosines and the attention measured the
+same way for two prompts with nothing learned (`chance.chance_prompts`): random vectors of the
+prompt's per-token norms and a random hard prompt of V vocabulary tokens.
+With `--describe`: the prompt's descriptions by patching (`description.py`, InSPEcT).
+With a run's metrics.jsonl: the drift over training and the `--probe` continuations.
 
 `analyze.py` is its command line; `analysis_plots.py` draws the figures.
 """
@@ -26,9 +31,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .chance import script_of
+from .chance import chance_prompts, script_of
 from .checkpoint import load_initial_prompt
 from .data import Example, check_template_columns, collate, load_rows, tokenize_rows
+from .description import describe, format_descriptions, layer_grid
 from .evaluation import label_metrics, mean_eval_loss, prompt_drift
 from .files import portable_path, write_output
 from .masks import IGNORE_INDEX
@@ -92,6 +98,22 @@ def pairwise_cosine(prompt: torch.Tensor) -> torch.Tensor:
     """Cosine between every two virtual tokens, `[V, V]`."""
     unit = torch.nn.functional.normalize(prompt.float(), dim=-1)
     return unit @ unit.T
+
+
+def readings(prompt: torch.Tensor, embeddings: torch.Tensor, tokenizer, top_k: int) -> dict:
+    """The summary figures a chance level stands beside, for any prompt `[V, D]`: the mean cosine
+    of each virtual token's nearest vocabulary token and of its `top_k` nearest, the scripts of
+    all the neighbours, the mean and max pairwise cosine between different virtual tokens."""
+    neighbours = nearest_tokens(prompt, embeddings, tokenizer, top_k)
+    cosine = pairwise_cosine(prompt)
+    off_diagonal = cosine[~torch.eye(len(cosine), dtype=torch.bool)]  # [V * (V - 1)]
+    return {
+        "nearest_cosine": sum(row[0]["similarity"] for row in neighbours) / len(neighbours),
+        "nearest_cosine_top_k": sum(n["similarity"] for row in neighbours for n in row) / sum(map(len, neighbours)),
+        "scripts": script_shares(neighbours),
+        "pairwise_cosine_mean": off_diagonal.mean().item() if len(off_diagonal) else None,
+        "pairwise_cosine_max": off_diagonal.max().item() if len(off_diagonal) else None,
+    }
 
 
 # -- on labelled rows -------------------------------------------------------------------------------
@@ -186,10 +208,13 @@ def analyze(
     batch_size: int = 8,
     initial_prompt: torch.Tensor | None = None,
     metrics_file: str | Path | None = None,
+    chance_seed: int = 0,
 ) -> dict:
     """Every figure of the analysis as a JSON-ready dict (see the module docstring). `rows` (in the
     checkpoint's template) add the ablation, hard-prompt and attention figures; `metrics_file` (the
-    run's metrics.jsonl) adds the drift over training."""
+    run's metrics.jsonl) adds the drift over training and the probe's lines. "readings" and
+    "chance" hold the same summary figures for the prompt and for each chance prompt (drawn from
+    `chance_seed`)."""
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("analysis decodes tokens: load the model with its tokenizer (tokenizer=...)")
@@ -214,18 +239,30 @@ def analyze(
         "pairwise_cosine": pairwise_cosine(prompt).tolist(),
         "drift": prompt_drift(prompt, initial_prompt) if initial_prompt is not None else None,
         "training": read_drift_curve(metrics_file) if metrics_file else None,
+        "probe": read_probe_lines(metrics_file) if metrics_file else None,
+        "readings": readings(prompt, embeddings, tokenizer, top_k),
+    }
+    chance = chance_prompts(prompt, embeddings, chance_seed, len(tokenizer), tokenizer.all_special_ids)
+    figures["chance"] = {
+        name: {**readings(drawn["weight"], embeddings, tokenizer, top_k), **({"ids": drawn["ids"]} if "ids" in drawn else {})}
+        for name, drawn in chance.items()
     }
     if rows:
-        figures["data"] = analyze_rows(model, rows, embeddings, [row[0]["id"] for row in neighbours], batch_size)
+        chance_weights = {name: drawn["weight"] for name, drawn in chance.items()}
+        figures["data"] = analyze_rows(model, rows, embeddings, [row[0]["id"] for row in neighbours], batch_size, chance_weights)
+        for name, shares in figures["data"].pop("chance_attention").items():
+            figures["chance"][name]["attention_to_prompt"] = shares
     return figures
 
 
 def analyze_rows(
-    model: SoftPromptModel, rows: list[dict], embeddings: torch.Tensor, nearest_ids: list[int], batch_size: int
+    model: SoftPromptModel, rows: list[dict], embeddings: torch.Tensor, nearest_ids: list[int], batch_size: int,
+    chance_weights: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Loss (and label-scoring accuracy, when the checkpoint has label words) with the soft prompt,
     without a prompt, as its nearest hard prompt, and with each virtual token ablated in turn;
-    and the attention the text gives the prompt per layer."""
+    and the attention the text gives the prompt per layer, and ("chance_attention") the same for
+    each of `chance_weights` `[V, D]` in the prompt's place (None where there are no weights)."""
     template = model.metadata.get("template")
     if not template:
         raise ValueError("the checkpoint records no template: the rows cannot be laid out as in training")
@@ -257,9 +294,13 @@ def analyze_rows(
         with swapped_prompt(model, ablated):
             ablation.append({"index": index, **scores_on(model, examples, rows, labels, batch_size)})
     figures["ablation"] = ablation
+    figures["chance_attention"] = dict.fromkeys(chance_weights or {})
     try:
         figures["attention_to_prompt"] = attention_to_prompt(model, examples, batch_size)
         figures["attention_uniform_share"] = uniform_attention_share(examples, model.num_virtual_tokens)
+        for name, weight in (chance_weights or {}).items():
+            with swapped_prompt(model, weight.to(prompt)):
+                figures["chance_attention"][name] = attention_to_prompt(model, examples, batch_size)
     except ValueError as error:
         figures["attention_to_prompt"] = None
         figures["attention_note"] = f"no attention figures: {error}"
@@ -273,6 +314,13 @@ def read_drift_curve(metrics_file: str | Path) -> list[dict] | None:
     keys = ("step", "loss", "prompt_norm", "prompt_distance", "prompt_cosine")
     curve = [{key: line[key] for key in keys} for line in lines if "prompt_distance" in line]
     return curve or None
+
+
+def read_probe_lines(metrics_file: str | Path) -> list[dict] | None:
+    """The run's `--probe` lines, {"step", "probe": [{"text", "continuation", "scripts"}, ...]} in step
+    order (None when it logged none)."""
+    lines = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+    return [line for line in lines if "probe" in line] or None
 
 
 # -- the terminal report and the command line -------------------------------------------------------
@@ -297,12 +345,7 @@ def format_report(figures: dict) -> str:
         neighbours = ", ".join(f"{n['text']!r} {n['similarity']:.2f}" for n in token["neighbours"])
         script = next(iter(script_shares([token["neighbours"]])))  # the most common among its neighbours
         lines.append(f"{token['index']:>3} {token['norm']:8.3f} {token['norm_percentile']:5.1f} {cosine} {script:>13}  {neighbours}")
-    shares = ", ".join(f"{script} {share:.0%}" for script, share in figures["scripts"].items())
-    lines += ["", f"scripts of all the neighbours: {shares}"]
-    cosine = torch.tensor(figures["pairwise_cosine"])
-    off_diagonal = cosine[~torch.eye(len(cosine), dtype=torch.bool)]
-    if len(off_diagonal):
-        lines.append(f"pairwise cosine between virtual tokens: mean {off_diagonal.mean():.3f}, max {off_diagonal.max():.3f}")
+    lines += ["", *format_chance(figures)]
     data = figures.get("data")
     if data:
         def described(scores: dict) -> str:
@@ -333,15 +376,54 @@ def format_report(figures: dict) -> str:
                 f"attention share of the text to the prompt, layer 1..{len(data['attention_to_prompt'])}: {shares}",
                 f"  (evenly spread attention would give {data['attention_uniform_share']:.2f})",
             ]
+            for name, chance in figures["chance"].items():
+                if chance.get("attention_to_prompt"):
+                    shares = " ".join(f"{share:.2f}" for share in chance["attention_to_prompt"])
+                    lines.append(f"  chance, {CHANCE_NAMES[name]}: {shares}")
         else:
             lines += ["", data["attention_note"]]
+    if figures.get("probe"):
+        lines += ["", *format_probe(figures["probe"])]
     return "\n".join(lines)
+
+
+CHANCE_NAMES = {"random_vectors": "random vectors of the prompt's norms", "random_tokens": "a random hard prompt"}
+
+
+def format_chance(figures: dict) -> list[str]:
+    """Each summary reading of the prompt beside its chance levels."""
+    columns = {"prompt": figures["readings"], **figures["chance"]}
+
+    def scripts(shares: dict[str, float]) -> str:
+        return ", ".join(f"{script} {share:.0%}" for script, share in shares.items())
+
+    lines = [f"readings against chance: prompt | chance: {' | '.join(CHANCE_NAMES[name] for name in figures['chance'])}"]
+    for key, label in (("nearest_cosine", "nearest-token cosine (top 1)"), ("nearest_cosine_top_k", "nearest-token cosine (top k)"),
+                       ("pairwise_cosine_mean", "pairwise cosine, mean"), ("pairwise_cosine_max", "pairwise cosine, max")):
+        if figures["readings"][key] is not None:
+            lines.append(f"  {label:<30} " + " | ".join(f"{column[key]:6.3f}" for column in columns.values()))
+    lines.append(f"  scripts of all the neighbours: {scripts(figures['readings']['scripts'])}")
+    lines += [f"    chance, {CHANCE_NAMES[name]}: {scripts(chance['scripts'])}" for name, chance in figures["chance"].items()]
+    return lines
+
+
+def format_probe(probe_lines: list[dict]) -> list[str]:
+    """The `--probe` texts' continuations at the first and the last logged evaluation."""
+    lines = []
+    for line in probe_lines[:1] + probe_lines[1:][-1:]:  # the first, and the last when it is another
+        lines.append(f"probe at step {line['step']}:")
+        for entry in line["probe"]:
+            shares = ", ".join(f"{script} {share:.0%}" for script, share in entry["scripts"].items()) or "no letters"
+            lines.append(f"  {entry['text']!r} -> {entry['continuation']!r} ({shares})")
+    return lines
 
 
 def run(options: argparse.Namespace) -> dict:
     """What `analyze.py` does (see its --help): analyse, print, and write the JSON and plots."""
     if options.top_k < 1 or options.rows < 1 or options.batch_size < 1:
         raise ValueError("--top-k, --rows and --batch-size must be at least 1")
+    if (options.layers is not None or options.reference is not None) and not options.describe:
+        raise ValueError("--layers and --reference say what --describe does: add --describe")
     pick_device(options.device)  # a device this machine has, before anything is loaded
     if not Path(options.checkpoint).is_dir():  # before the minutes of loading a model
         raise ValueError(f"checkpoint directory {options.checkpoint} does not exist")
@@ -350,17 +432,23 @@ def run(options: argparse.Namespace) -> dict:
         rows = load_rows(options.data)[: options.rows]
     model = load_prompted_model(options.model, options.checkpoint, device=options.device)
     model.eval()
+    if options.describe:
+        layer_grid(model.base_model.config.num_hidden_layers, options.layers)  # bad --layers before the work
     metrics_file = Path(options.checkpoint).parent / "metrics.jsonl"
+    initial_prompt = load_initial_prompt(options.checkpoint)
     figures = analyze(
         model,
         top_k=options.top_k,
         rows=rows,
         batch_size=options.batch_size,
-        initial_prompt=load_initial_prompt(options.checkpoint),
+        initial_prompt=initial_prompt,
         metrics_file=metrics_file if metrics_file.is_file() else None,
     )
     figures.update(checkpoint=portable_path(str(options.checkpoint)), model=portable_path(options.model))
     print(format_report(figures))
+    if options.describe:
+        figures["descriptions"] = describe(model, options.layers, references=options.reference, initial_prompt=initial_prompt)
+        print("\n" + format_descriptions(figures["descriptions"]))
     if options.json:
         write_output(options.json, json.dumps(figures, indent=2) + "\n")
         print(f"\nfigures written to {options.json}")

@@ -1,8 +1,10 @@
 """The figures of `analysis.analyze` as PNGs (matplotlib, Agg): norms against the vocabulary's,
-the pairwise similarity heatmap, ablation bars, attention per layer and the drift over training."""
+the pairwise similarity heatmap, ablation bars, attention per layer beside its chance levels, the
+drift over training, the `--probe` scripts over training and the descriptions' scores by layer pair."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -73,12 +75,20 @@ def plot_ablation(figures: dict, path: Path) -> Path:
     return save(figure, path)
 
 
+CHANCE_LABELS = {"random_vectors": "chance: random vectors, same norms", "random_tokens": "chance: random hard prompt"}
+
+
 def plot_attention(figures: dict, path: Path) -> Path:
-    """Share of the text's attention that goes to the virtual tokens, per layer."""
+    """Share of the text's attention that goes to the virtual tokens, per layer, beside its chance
+    levels (dashed)."""
     shares = figures["data"]["attention_to_prompt"]
+    layers = range(1, len(shares) + 1)
     figure, axes = plt.subplots(figsize=(7, 3.5))
-    axes.plot(range(1, len(shares) + 1), shares, "o-", label="measured")
-    axes.axhline(figures["data"]["attention_uniform_share"], color="gray", linestyle="--", label="evenly spread attention")
+    axes.plot(layers, shares, "o-", label="measured")
+    for name, chance in figures.get("chance", {}).items():
+        if chance.get("attention_to_prompt"):
+            axes.plot(layers, chance["attention_to_prompt"], "--", label=CHANCE_LABELS[name])
+    axes.axhline(figures["data"]["attention_uniform_share"], color="gray", linestyle=":", label="evenly spread attention")
     axes.legend(fontsize=8)
     axes.set_xlabel("layer")
     axes.set_ylabel("attention share to the prompt")
@@ -100,6 +110,26 @@ def plot_drift(figures: dict, path: Path) -> Path:
     return save(figure, path)
 
 
+def plot_probe_scripts(figures: dict, path: Path) -> Path:
+    """The `--probe` continuations' script shares over the training steps, one panel per probe text."""
+    lines = figures["probe"]
+    texts = [entry["text"] for entry in lines[0]["probe"]]
+    steps = [line["step"] for line in lines]
+    scripts = list(dict.fromkeys(script for line in lines for entry in line["probe"] for script in entry["scripts"]))
+    figure, panels = plt.subplots(len(texts), 1, figsize=(7, 2.4 * len(texts)), sharex=True, squeeze=False)
+    for row, text in enumerate(texts):
+        axes = panels[row, 0]
+        for script in scripts:
+            axes.plot(steps, [line["probe"][row]["scripts"].get(script, 0.0) for line in lines], "o-", label=script)
+        axes.set_ylim(-0.05, 1.05)
+        axes.set_ylabel("share of letters")
+        axes.set_title(f"probe {text[:60]!r}", fontsize=9)
+        axes.legend(fontsize=7)
+    panels[-1, 0].set_xlabel("optimizer step")
+    integer_ticks(panels[-1, 0])
+    return save(figure, path)
+
+
 def write_plots(figures: dict, directory: str | Path) -> list[Path]:
     """Every plot the figures allow, into `directory`; returns the paths written."""
     directory = Path(directory)
@@ -111,6 +141,13 @@ def write_plots(figures: dict, directory: str | Path) -> list[Path]:
             written.append(plot_attention(figures, directory / "attention.png"))
     if figures.get("training"):
         written.append(plot_drift(figures, directory / "drift.png"))
+    if figures.get("probe"):
+        written.append(plot_probe_scripts(figures, directory / "probe_scripts.png"))
+    if figures.get("descriptions"):
+        try:
+            written.append(plot_descriptions(figures["descriptions"], directory / "descriptions.png"))
+        except ValueError as error:  # no label words and no reference: nothing to colour the grid by
+            warnings.warn(f"no descriptions.png: {error}")
     return written
 
 
@@ -139,6 +176,6 @@ def plot_descriptions(result: dict, path: Path) -> Path:
             axes.set_xlabel("target layer")
             axes.set_ylabel("source layer")
         figure.colorbar(image, ax=panels[row].tolist(), shrink=0.8)
-    figure.savefig(path, dpi=80)  # not save(): tight_layout fights the shared colorbars
+    write_atomic(path, png_bytes(figure, dpi=80))  # not save(): tight_layout fights the shared colorbars
     plt.close(figure)
     return path

@@ -184,6 +184,12 @@ class RunConfig:
     eval_every: int = field(default=0, metadata={"help": "evaluate every this many steps (0: at each epoch's end)"})
     log_every: int = field(default=1, metadata={"help": "write a metrics.jsonl line every this many steps"})
     resume: str | None = field(default=None, metadata={"help": "continue the run saved in this folder (or its last/)"})
+    probe: list[str] = field(
+        default_factory=list,
+        metadata={"help": "a text to continue greedily with the current prompt at step 0 and at each evaluation, logged "
+                          "in metrics.jsonl with the scripts of its letters (repeat the flag for several)"},
+    )
+    probe_tokens: int = field(default=30, metadata={"help": "tokens each --probe continuation generates"})
 
 
 @dataclass
@@ -284,7 +290,8 @@ def validate(config: TrainConfig) -> None:
     if data.max_length < 2:
         raise ValueError(f"--max-length must be at least 2 (a token and eos), got {data.max_length}")
     at_least_one = {"reparam_hidden": prompt.reparam_hidden, "ensemble": prompt.ensemble, "batch_size": optim.batch_size, "grad_accum": optim.grad_accum, "epochs": optim.epochs,
-                    "max_bad_steps": optim.max_bad_steps, "log_every": run.log_every}
+                    "max_bad_steps": optim.max_bad_steps, "log_every": run.log_every,
+                    "probe_tokens": run.probe_tokens}
     not_negative = {"warmup_steps": optim.warmup_steps, "max_steps": optim.max_steps, "weight_decay": optim.weight_decay,
                     "max_grad_norm": optim.max_grad_norm, "save_every": run.save_every, "eval_every": run.eval_every,
                     "patience": config.classify.patience}
@@ -309,6 +316,8 @@ def validate(config: TrainConfig) -> None:
             f"--val-fraction {data.val_fraction} and --eval-data both give evaluation rows: "
             "drop --eval-data, or pass --val-fraction 0"
         )
+    if run.probe and config.model.fsdp:
+        raise ValueError("--probe generates on rank 0 alone, which a model sharded by --fsdp cannot do: drop one of them")
     if data.label_words:  # [] (only from Python) records no label words
         check_label_words(data.label_words, "--label-words")
     if config.classify.calibration == "fitted" and data.val_fraction == 0 and data.eval_data is None and data.eval_split is None:
@@ -361,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                 arguments.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             elif leaf.type == "list[str] | None":
                 arguments.add_argument(flag, nargs="+", metavar="WORDS", help=help_text)
+            elif leaf.type == "list[str]":  # repeatable: --probe A --probe B
+                arguments.add_argument(flag, action="append", metavar="TEXT", help=help_text)
             else:
                 kind = leaf.metadata.get("parse") or {"int": int, "int | None": int, "float": float}.get(leaf.type, str)
                 arguments.add_argument(flag, type=kind, choices=leaf.metadata.get("choices"), help=help_text)

@@ -8,7 +8,7 @@ A run folder holds:
 
     train_config.json   the resolved configuration, with world_size, parallelism and "automatic"
                         (the fields resolved from `auto`)
-    metrics.jsonl       one line per logged step (and one per evaluation)
+    metrics.jsonl       one line per logged step (and one per evaluation, one per --probe)
     loss_curve.png      train and eval loss (when matplotlib is installed)
     best/               the prompt with the lowest eval loss so far (and the prompt before training)
     last/               the latest prompt, plus the training state to resume from (`training_state.py`)
@@ -67,6 +67,7 @@ from .evaluation import label_metrics, mean_eval_loss, prompt_drift
 from .files import WriteError, append_text, check_output_folder, json_bytes, png_bytes, write_atomic, writing
 from .masks import IGNORE_INDEX
 from .model import SoftPromptModel
+from .probe import probe
 from .reparam import add_reparam, reparam_files, reparam_of, restore_reparam
 from .run_lock import RunLock
 from .runtime import DTYPES, apply_speed_options, limit_kernel_cache, load_base_model, native_bf16, pick_device
@@ -519,6 +520,17 @@ def evaluate_and_keep_best(run: Run) -> None:
                             initial_weight=run.initial_weight)
 
 
+def log_probe(run: Run) -> None:
+    """`--probe`: the probe texts' greedy continuations with the current prompt and their letters'
+    scripts, one metrics.jsonl line. Rank 0 alone generates, with no collective inside; the other
+    ranks go on to the step's end, where the stop check waits for it."""
+    if not run.config.run.probe or not run.world.is_main:
+        return
+    with run.autocast():
+        lines = probe(run.model, run.config.run.probe, run.config.run.probe_tokens)
+    log_metrics(run.metrics_path, {"step": run.state.step, "probe": lines})
+
+
 def patience_spent(run: Run) -> bool:
     """`--patience` evaluations in a row without a better `--best-metric`: training stops."""
     patience = run.config.classify.patience
@@ -717,6 +729,8 @@ def loop(run: Run) -> dict:
         total=run.total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not world.is_main
     )
     interrupted, stop_signal = False, 0
+    if state.step == 0:  # what the prompt makes the model say before training (a resumed run has it)
+        log_probe(run)
     with StopRequest(world) as stop, progress:  # the bar is closed before any error line is printed
         while state.step < run.total_steps and not patience_spent(run):
             if state.batch_in_epoch == 0:
@@ -773,6 +787,8 @@ def loop(run: Run) -> dict:
             eval_due = (state.step % run_cfg.eval_every == 0) if run_cfg.eval_every else end_of_epoch
             if run.eval_examples and (eval_due or last_step):
                 evaluate_and_keep_best(run)
+            if eval_due or last_step:  # at the evaluations, or where they would be without eval rows
+                log_probe(run)
             stop_signal = world.max(stop.signal or 0, run.device)  # every rank stops after the same step
             stopping = stop_signal > 0
             out_of_patience = patience_spent(run)  # the same on every rank

@@ -11,6 +11,7 @@ import analyze
 from soft_prompt import SoftPromptModel
 from soft_prompt.analysis import analyze as analyze_prompt
 from soft_prompt.analysis import attention_to_prompt, script_of, uniform_attention_share
+from soft_prompt.chance import random_vectors_like
 from soft_prompt.evaluation import prompt_drift
 from soft_prompt.checkpoint import INITIAL_PROMPT_NAME, load_initial_prompt
 from soft_prompt.config import HATE_INIT_TEXT, resolve_config
@@ -123,6 +124,32 @@ def test_no_attention_weights_is_a_message_not_a_crash(bloom_dir, monkeypatch):
     assert data["ablation"]  # the rest is measured
 
 
+def test_chance_levels_are_the_readings_of_the_chance_prompts(bloom_dir):
+    model = wrapped(bloom_dir, num_virtual_tokens=3)
+    figures = analyze_prompt(model, top_k=2, rows=demo_rows(4))
+    chance = figures["chance"]
+    assert set(chance) == {"random_vectors", "random_tokens"}
+    # Random vectors of the prompt's norms: their nearest-token and pairwise cosines, computed here.
+    embeddings = model.base_model.get_input_embeddings().weight.detach().float()
+    unit = torch.nn.functional.normalize(random_vectors_like(model.prompt.weight, 0), dim=-1)  # [V, D]
+    pairwise = (unit @ unit.T)[~torch.eye(3, dtype=torch.bool)]
+    nearest = (unit @ torch.nn.functional.normalize(embeddings, dim=-1).T).max(dim=-1).values  # [V]
+    assert chance["random_vectors"]["nearest_cosine"] == pytest.approx(nearest.mean().item(), abs=1e-6)
+    assert chance["random_vectors"]["pairwise_cosine_mean"] == pytest.approx(pairwise.mean().item(), abs=1e-6)
+    assert chance["random_vectors"]["pairwise_cosine_max"] == pytest.approx(pairwise.max().item(), abs=1e-6)
+    # A random hard prompt: V ordinary vocabulary tokens, each its own nearest token.
+    ids = chance["random_tokens"]["ids"]
+    assert len(ids) == 3 and not set(ids) & set(model.tokenizer.all_special_ids)
+    assert chance["random_tokens"]["nearest_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert set(chance["random_tokens"]["scripts"]) <= {"Latin", "none", "partial bytes"}
+    # Its attention share is the one a checkpoint holding those vectors measures.
+    as_prompt = wrapped(bloom_dir, num_virtual_tokens=3)
+    with torch.no_grad():
+        as_prompt.prompt.weight.copy_(embeddings[ids])
+    measured = analyze_prompt(as_prompt, top_k=2, rows=demo_rows(4))["data"]["attention_to_prompt"]
+    assert chance["random_tokens"]["attention_to_prompt"] == pytest.approx(measured, abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A trained run on a tiny Llama: metrics.jsonl, last/ and best/ with the initial prompt."""
@@ -135,6 +162,7 @@ def run_dir(tmp_path_factory) -> Path:
         "model": save_tiny_model(folder / "model", "llama"), "data": str(data), "template": HATE, "init": "text",
         "init_text": HATE_INIT_TEXT, "num_virtual_tokens": 4, "loss_on": "completion", "val_fraction": 0.25,
         "batch_size": 6, "epochs": 2, "lr": 0.3, "output_dir": str(folder / "run"), "seed": 3, "precision": "fp32",
+        "probe": ["the cat"], "probe_tokens": 4,
     })  # fmt: skip
     train(config)
     return folder
@@ -180,8 +208,22 @@ def test_analyze_cli_writes_every_figure_and_the_plots(run_dir, tmp_path, capsys
     figures = json.loads(figures_file.read_text())
     assert set(figures) == {
         "num_virtual_tokens", "embed_dim", "metadata", "tokens", "scripts", "top1_scripts", "vocabulary_norms",
-        "pairwise_cosine", "drift", "training", "data", "checkpoint", "model",
+        "pairwise_cosine", "drift", "training", "probe", "readings", "chance", "data", "checkpoint", "model",
     }  # fmt: skip
+    readings = {"nearest_cosine", "nearest_cosine_top_k", "scripts", "pairwise_cosine_mean", "pairwise_cosine_max"}
+    assert set(figures["readings"]) == readings
+    assert set(figures["chance"]["random_vectors"]) == readings | {"attention_to_prompt"}
+    assert set(figures["chance"]["random_tokens"]) == readings | {"attention_to_prompt", "ids"}
+    assert all(len(chance["attention_to_prompt"]) == 2 for chance in figures["chance"].values())
+    # Each reading beside its two chance levels, in the report as in the JSON.
+    top1 = [figures["readings"]["nearest_cosine"]] + [c["nearest_cosine"] for c in figures["chance"].values()]
+    assert "  nearest-token cosine (top 1)   " + " | ".join(f"{value:6.3f}" for value in top1) in report
+    assert "chance, a random hard prompt: " in report and "chance, random vectors of the prompt's norms: " in report
+    # The probe: step 0 and the two evaluations (epoch ends), the first and the last in the report.
+    assert [line["step"] for line in figures["probe"]] == [0, 3, 6]
+    first, last = figures["probe"][0]["probe"][0], figures["probe"][-1]["probe"][0]
+    assert f"probe at step 0:\n  'the cat' -> {first['continuation']!r}" in report
+    assert f"probe at step 6:\n  'the cat' -> {last['continuation']!r}" in report and "probe at step 3" not in report
     assert len(figures["tokens"]) == 4 and len(figures["pairwise_cosine"]) == 4
     for token in figures["tokens"]:
         assert set(token) == {"index", "neighbours", "norm", "norm_percentile", "cosine_to_initial", "distance_to_initial"}
@@ -193,7 +235,7 @@ def test_analyze_cli_writes_every_figure_and_the_plots(run_dir, tmp_path, capsys
     for scores in (data["soft_prompt"], data["no_prompt"], data["hard_prompt"], *data["ablation"]):
         assert {"loss", "accuracy", "macro_f1"} <= set(scores)
     assert sorted(path.name for path in plots.iterdir()) == [
-        "ablation.png", "attention.png", "drift.png", "norms.png", "similarity.png"
+        "ablation.png", "attention.png", "drift.png", "norms.png", "probe_scripts.png", "similarity.png"
     ]  # fmt: skip
     assert all(path.stat().st_size > 1000 for path in plots.iterdir())
 
@@ -203,3 +245,38 @@ def test_analyze_cli_bad_input_is_one_line(run_dir, tmp_path, capsys):
     assert capsys.readouterr().err == f"error: checkpoint directory {tmp_path / 'missing'} does not exist\n"
     assert analyze.main([str(run_dir / "run" / "last"), "--model", str(run_dir / "model"), "--rows", "0"]) == 2
     assert capsys.readouterr().err == "error: --top-k, --rows and --batch-size must be at least 1\n"
+
+
+def test_analyze_describe_writes_every_pair_with_its_scores_and_the_controls(run_dir, tmp_path, capsys):
+    figures_file, plots = tmp_path / "figures.json", tmp_path / "plots"
+    assert analyze.main([
+        str(run_dir / "run" / "last"), "--model", str(run_dir / "model"), "--describe", "--layers", "1", "0",
+        "--reference", "hate speech or not", "--reference", "sentiment", "--json", str(figures_file), "--plot", str(plots),
+        "--device", "cpu",
+    ]) == 0  # fmt: skip
+    descriptions = json.loads(figures_file.read_text())["descriptions"]
+    assert descriptions["layers"] == [0, 1] and descriptions["references"] == ["hate speech or not", "sentiment"]
+    assert descriptions["label_words"] == LABELS
+    assert list(descriptions["sources"]) == ["trained", "initial", "random"]
+    for entries in descriptions["sources"].values():
+        assert [(e["source_layer"], e["target_layer"]) for e in entries] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        for entry in entries:
+            assert entry["class_rate"] in (0.0, 0.5, 1.0) and 0 <= entry["rouge_l"] <= 1
+            assert isinstance(entry["description"], str)
+    assert set(descriptions["summary"]) == set(descriptions["best"]) == {"trained", "initial", "random"}
+    report = capsys.readouterr().out
+    assert "descriptions at 2x2 layer pairs (layers [0, 1] of 2)" in report and "\ninitial: class rate mean" in report
+    assert (plots / "descriptions.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--describe", "--layers", "0", "2"], "--layers must name layers 0..1 of the model's 2, got [0, 2]"),
+        (["--layers", "0"], "--layers and --reference say what --describe does: add --describe"),
+        (["--reference", "a text"], "--layers and --reference say what --describe does: add --describe"),
+    ],
+)
+def test_analyze_describe_bad_flags_are_one_line(run_dir, flags, message, capsys):
+    assert analyze.main([str(run_dir / "run" / "last"), "--model", str(run_dir / "model"), "--device", "cpu", *flags]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"  # after the model's loading bar for --layers

@@ -84,3 +84,22 @@ def test_bad_input_is_one_line(tiny, tmp_path):
     )  # fmt: skip
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines()[-1] == f"sweep.py: error: data file {tmp_path / 'none.jsonl'} does not exist"
+
+
+def test_the_tables_give_the_last_probes_han_share_when_cells_probed(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    probe = lambda step, *shares: {"step": step, "probe": [{"text": "t", "continuation": "c", "scripts": s} for s in shares]}  # noqa: E731
+    lines = [probe(0, {"Latin": 1.0}, {"Latin": 1.0}), {"step": 1, "loss": 2.0}, probe(1, {"Han": 0.5, "Latin": 0.5}, {"Han": 1.0})]
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert sweep.last_probe_han_share(metrics) == 0.75
+    metrics.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    assert sweep.last_probe_han_share(metrics) is None
+    cell = {"init": "text", "num_virtual_tokens": 20, "lr": 0.03, "loss_on": "all", "seed": 42, "train_loss": 1.0,
+            "eval_loss": 1.0, "accuracy": 0.5, "macro_f1": 0.5, "seconds": 3.0, "device": "cpu", "name": "a"}
+    base = {"accuracy": 0.5, "macro_f1": 0.4}
+    sweep.write_tables(tmp_path, [{**cell, "probe_han": 0.75}, {**cell, "name": "b"}], base, {})
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert table[-4].endswith("| device | Han (probe) |") and table[-1].endswith("| cpu | - |")
+    assert table[-2].endswith("| cpu | 0.75 |")
+    sweep.write_tables(tmp_path, [cell], base, {})  # no cell probed: no column
+    assert "Han" not in (tmp_path / "sweep.md").read_text()

@@ -2,9 +2,10 @@
 
 `from_pretrained(dtype=bf16)` on fp32 files maps each file into memory and converts from the
 mapping: every page it reads stays in the process's memory until the load ends, so loading peaks
-at the files plus the converted copy (benchmarks/README.md measures it). Here each tensor is read with plain reads, 64 MiB at a time, straight into
-its converted tensor: the peak is the converted weights plus one chunk. transformers still builds
-the model from these tensors (`state_dict=`), so its key renaming, weight tying and checks apply.
+at the files plus the converted copy (benchmarks/README.md measures it). Here each tensor is read
+with plain reads, 64 MiB at a time, straight into its converted tensor: the peak is the converted
+weights plus one chunk. transformers still builds the model from these tensors (`state_dict=`),
+so its key renaming, weight tying and checks apply.
 """
 
 from __future__ import annotations

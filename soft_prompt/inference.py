@@ -364,7 +364,15 @@ def run(options: argparse.Namespace) -> None:
     if options.seed is not None:
         torch.manual_seed(options.seed)
     checkpoints = checkpoint_names(options.checkpoint)
-    model = load_model(options.model, checkpoints, options.precision, options.device, options.strict)
+    device = "cpu" if options.engine == "vllm" else options.device  # vLLM takes only the prompts and E from it
+    model = load_model(options.model, checkpoints, options.precision, device, options.strict)
+    if options.engine == "vllm":  # the one hand-over: vLLM generates and scores labels, all else stays the same
+        from .serving import VllmModel
+
+        try:
+            model = VllmModel(model, options.model, options.seed)
+        except ValueError as error:
+            raise InferenceError(str(error)) from None
     if not classifying:
         check_room(model, options.max_new_tokens)
     if classifying:

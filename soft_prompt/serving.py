@@ -10,8 +10,9 @@ only in mixed mode. Each virtual position's placeholder id is the row's first re
 penalty sees exactly the real ids, as our torch engine's does; the embeddings replace it.
 
 - `VllmModel` stands in for a `SoftPromptModel` where `inference.py` generates and scores labels
-  (`infer.py --engine vllm`): its `generate` and `completion_log_probs` run on vLLM's offline
-  engine, everything else (prompts, metadata, tokenizer) is the wrapped model's.
+  (`infer.py --engine vllm`): its `generate`, `completion_log_probs` and `classify` run on vLLM's
+  offline engine; everything else (prompts, metadata, tokenizer; `forward` and `loss` in torch)
+  is the wrapped model's.
 - `complete` and `python -m soft_prompt.serving` send a named prompt and a text to vLLM's
   OpenAI-compatible server (started with `--enable-prompt-embeds`) as base64 `prompt_embeds`.
 
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import scoring
 from .scoring import truncate_left
 
 if TYPE_CHECKING:
@@ -144,6 +146,19 @@ class VllmModel:
     def __getattr__(self, name: str):
         return getattr(self.model, name)  # what vLLM does not replace is the wrapped model's
 
+    def classify(
+        self,
+        texts: Sequence[str | dict],
+        labels: Sequence[str],
+        template: str | None = None,
+        tokenizer=None,
+        batch_size: int = 16,
+        use_prompt: bool = True,
+        prompt_names: Sequence[str | None] | None = None,
+    ) -> tuple[list[str], torch.Tensor]:
+        """`SoftPromptModel.classify`, the labels scored on vLLM."""
+        return scoring.classify(self, texts, labels, template, tokenizer, batch_size, use_prompt, prompt_names)
+
     def close(self) -> None:
         """Stop the engine's processes now (else they stop when this process exits)."""
         self.llm.llm_engine.engine_core.shutdown()
@@ -238,18 +253,19 @@ def encode_embeds(embeds: torch.Tensor) -> str:
 
 def complete(
     url: str, model_name: str, embeds: torch.Tensor, max_tokens: int = 50, timeout: float = 600.0, **sampling
-) -> str:
-    """The completion text a vLLM server at `url` returns for `embeds` `[V + T, D]` on its
-    completions endpoint (greedy unless `sampling` says otherwise, e.g. temperature=0.7). The
-    server cannot take the token ids beside the embeddings there, so its repetition penalty
-    would not see the text: leave `repetition_penalty` at 1."""
-    body = {"model": model_name, "prompt_embeds": encode_embeds(embeds), "max_tokens": max_tokens, "temperature": 0.0, **sampling}
+) -> dict:
+    """The first choice (`text`, and `token_ids`: vLLM's `return_token_ids`) a vLLM server at `url`
+    returns for `embeds` `[V + T, D]` on its completions endpoint, greedy unless `sampling` says
+    otherwise (e.g. temperature=0.7). The server takes no token ids beside the embeddings there, so
+    its repetition penalty would not see the text: leave `repetition_penalty` at 1."""
+    body = {"model": model_name, "prompt_embeds": encode_embeds(embeds), "max_tokens": max_tokens, "temperature": 0.0,
+            "return_token_ids": True, **sampling}
     request = urllib.request.Request(
         url.rstrip("/") + "/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.load(response)["choices"][0]["text"]
+            return json.load(response)["choices"][0]
     except urllib.error.HTTPError as error:
         detail = error.read().decode(errors="replace").strip()
         raise ValueError(f"the server at {url} answered {error.code}: {detail[:300]}") from None
@@ -276,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         name = options.prompt or model.active_prompt
         model.prompt_length(name)  # an unknown name fails here, before any request
         ids = model.tokenizer(options.input)["input_ids"]
-        print(complete(options.url, options.model, prompt_embeds(model, ids, name), options.max_new_tokens))
+        print(complete(options.url, options.model, prompt_embeds(model, ids, name), options.max_new_tokens)["text"])
     except ValueError as error:  # InferenceError and CheckpointError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2

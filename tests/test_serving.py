@@ -203,8 +203,11 @@ def test_server_round_trip(prompted, llama_dir, tmp_path):
         text = "Sentence : the weather is fine"
         ids = prompted.tokenizer(text)["input_ids"]
         served = complete(url, llama_dir, prompt_embeds(prompted, ids, "long"), max_tokens=12)
+        ours = prompted.generate(torch.tensor([ids]), prompt_names=["long"], max_new_tokens=12, repetition_penalty=1.0)
+        assert [served["token_ids"]] == new_tokens(ours, len(ids), prompted.tokenizer.eos_token_id, prompted.tokenizer.pad_token_id)
+        # Our text decodes all ids at once; the server's holds back a last incomplete UTF-8 character.
         (expected,) = generate_texts(prompted, [text], prompt_names=["long"], max_new_tokens=12, repetition_penalty=1.0)
-        assert served == expected and expected
+        assert expected.startswith(served["text"]) and len(served["text"]) >= len(expected) - 1
 
         client = subprocess.run(
             [sys.executable, "-m", "soft_prompt.serving", "--url", url, "--model", llama_dir, "--checkpoint",
@@ -212,7 +215,7 @@ def test_server_round_trip(prompted, llama_dir, tmp_path):
             capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300,
         )
         assert client.returncode == 0, client.stderr[-2000:]
-        assert client.stdout == expected + "\n"
+        assert client.stdout == served["text"] + "\n"
     finally:
         server.terminate()  # by its pid; vLLM stops its engine processes on SIGTERM
         try:

@@ -64,6 +64,7 @@ def generation(engine: VllmModel, model, peft_model, inputs: list[list[int]], ne
              f"PEFT generate (batch {batch_size})": lambda: batched(peft_model.generate)}
     results, ours = [], None
     for side, run in sides.items():
+        print(f"generation: {side}", flush=True)
         tokens, seconds = timed(run)
         ours = tokens if side.startswith("ours") else ours
         results.append({"side": side, "seconds": seconds, "tokens_per_second": len(inputs) * new_tokens / seconds, "tokens": tokens})

@@ -102,16 +102,17 @@ def sampling_params(vllm, seed: int | None = None, **generation_kwargs):
     if options.pop("num_beams", 1) > 1:
         raise ValueError("vLLM does not do beam search: use --engine torch for --num-beams")
     do_sample = options.pop("do_sample", False)
+    temperature, top_k, top_p = options.pop("temperature", 1.0), options.pop("top_k", 0), options.pop("top_p", 1.0)
     params = {
         "max_tokens": options.pop("max_new_tokens"),
         "repetition_penalty": options.pop("repetition_penalty", 1.0),
-        "temperature": options.pop("temperature", 1.0) if do_sample else 0.0,
-        "top_k": (options.pop("top_k", 0) or -1) if do_sample else -1,  # 0 and -1: no top-k filtering
-        "top_p": options.pop("top_p", 1.0) if do_sample else 1.0,
+        "temperature": temperature if do_sample else 0.0,  # 0: greedy
+        "top_k": top_k if do_sample and top_k > 0 else -1,  # -1: no top-k filtering, as --top-k 0
+        "top_p": top_p if do_sample else 1.0,
         "seed": seed,
     }
     if options:
-        raise ValueError(f"generation options vLLM is not given here: {sorted(options)}")
+        raise ValueError(f"the vLLM engine here takes no generation options {sorted(options)}")
     return vllm.SamplingParams(**params)
 
 

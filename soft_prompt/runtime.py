@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -183,3 +184,20 @@ def trained_precision(checkpoint: str) -> str:
 def same_model_name(a: str, b: str) -> bool:
     """Hub id or local folder of the same name ("org/name" and "/models/name" agree)."""
     return a == b or Path(a).name.lower() == Path(b).name.lower()
+
+
+def checkpoint_names(values: Sequence[str]) -> dict[str, str]:
+    """--checkpoint values as {name: directory}, in order: `NAME=DIR`, or a bare `DIR` named "default"
+    (also a directory whose own name holds "=")."""
+    checkpoints = {}
+    for value in values:
+        name, separator, directory = value.partition("=")
+        if not separator or not re.fullmatch(r"[\w-]+", name) or Path(value).is_dir():
+            name, directory = DEFAULT_PROMPT, value
+        if name in checkpoints:
+            raise ValueError(
+                f"--checkpoint: two checkpoints are named {name!r} ({checkpoints[name]} and {directory}); "
+                "name each one: --checkpoint NAME=DIR"
+            )
+        checkpoints[name] = directory
+    return checkpoints

@@ -47,7 +47,8 @@ def classify(
             raise ValueError(f"prompt_names has {len(prompt_names)} names for {len(texts)} texts")
         prompt_names = [name for name in prompt_names for _ in labels]  # one per (text, label) pair
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = completion_log_probs(model, sequences, pad_id, batch_size, use_prompt, prompt_names)
+    # The method, not the function below: a stand-in such as serving.VllmModel scores elsewhere.
+    scores = model.completion_log_probs(sequences, pad_id, batch_size, use_prompt, prompt_names)
     scores = scores.view(len(texts), len(labels))
     return [labels[index] for index in scores.argmax(dim=1).tolist()], scores
 

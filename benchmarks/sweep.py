@@ -407,14 +407,13 @@ def write_tables(output_dir: Path, results: list[dict], options_setting: dict, r
             lines.append(f"| {label} | {len(metrics)} | {figures['accuracy'][0]:.3f} ± {figures['accuracy'][1]:.3f} | "
                          f"{figures['macro_f1'][0]:.3f} ± {figures['macro_f1'][1]:.3f} | {share_text} |")
         lines += ["", "Commands (the last seed's; `$SWEEP` is the sweep's --output-dir):", ""] + [f"- {label}: `{command}`" for label, command in sorted(test["commands"].items(), key=lambda item: order(item[0]))]
+    probed = any(r.get("probe_han") is not None for r in results)  # a Han column only when some cell probed
     lines += ["", "Cells:", "", "| cell | steps | stopped early | train loss | eval loss | own scoring | accuracy | macro-F1 | seconds |"
-              + (" Han (probe) |" if any(r.get("probe_han") is not None for r in results) else ""),
-              "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"
-              + (" ---: |" if any(r.get("probe_han") is not None for r in results) else "")]
+              + (" Han (probe) |" if probed else ""),
+              "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |" + (" ---: |" if probed else "")]
     for r in results:
         own = r["variants"][r["own_variant"]]
-        probe = "" if not any(c.get("probe_han") is not None for c in results) else (
-            " - |" if r.get("probe_han") is None else f" {r['probe_han']:.2f} |")
+        probe = "" if not probed else " - |" if r.get("probe_han") is None else f" {r['probe_han']:.2f} |"
         lines.append(f"| {r['name']} | {r['steps']} | {'yes' if r['stopped_early'] else 'no'} | {r['train_loss']:.3f} | "
                      f"{r['eval_loss']:.3f} | {r['own_variant']} | {own['accuracy']:.3f} | {own['macro_f1']:.3f} | {r['seconds']:.0f} |" + probe)
     write_atomic(output_dir / "sweep.md", ("\n".join(lines) + "\n").encode())

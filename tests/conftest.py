@@ -1,3 +1,4 @@
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -7,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from soft_prompt.tiny import ARCHITECTURES, save_tiny_model  # noqa: E402
+from soft_prompt.tiny import ARCHITECTURES, demo_rows, save_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session", params=ARCHITECTURES)
@@ -19,6 +20,14 @@ def model_dir(request, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def bloom_dir(tmp_path_factory) -> str:
     return save_tiny_model(tmp_path_factory.mktemp("bloom"), "bloom")
+
+
+@pytest.fixture(scope="session")
+def demo_rows_file(tmp_path_factory) -> str:
+    """40 ETHOS-shaped rows (`tiny.demo_rows`) as a .jsonl file, shared by the tests that train."""
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(40)))
+    return str(path)
 
 
 def load(directory: str):

@@ -25,7 +25,7 @@ from soft_prompt.run_lock import LOCK_NAME, RunLock
 from soft_prompt.training_state import read_training_state
 from tests.test_bad_inputs import one_line_error, snapshot
 from tests.test_infer_cli import checkpoint  # noqa: F401 (a fixture)
-from tests.test_train import args, gpt2_dir, jsonl, losses, prompt  # noqa: F401 (fixtures)
+from tests.test_train import args, gpt2_dir, losses, prompt  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = ("--epochs", "20")  # 80 steps: time enough to signal a live run after its first step
@@ -63,18 +63,18 @@ def processes():
 
 
 @pytest.fixture(scope="module")
-def long_reference(gpt2_dir, jsonl, tmp_path_factory) -> Path:  # noqa: F811
+def long_reference(gpt2_dir, demo_rows_file, tmp_path_factory) -> Path:  # noqa: F811
     output_dir = tmp_path_factory.mktemp("long-reference")
-    assert train.main(args(gpt2_dir, jsonl, output_dir, *LONG)) == 0
+    assert train.main(args(gpt2_dir, demo_rows_file, output_dir, *LONG)) == 0
     return output_dir
 
 
 # -- SIGTERM ---------------------------------------------------------------------------------------
 
 
-def test_sigterm_saves_last_and_resume_reaches_the_uninterrupted_prompt(long_reference, gpt2_dir, jsonl, tmp_path, processes):  # noqa: F811
+def test_sigterm_saves_last_and_resume_reaches_the_uninterrupted_prompt(long_reference, gpt2_dir, demo_rows_file, tmp_path, processes):  # noqa: F811
     output_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
-    processes.append(run := start_train(output_dir, args(gpt2_dir, jsonl, output_dir, *LONG), log))
+    processes.append(run := start_train(output_dir, args(gpt2_dir, demo_rows_file, output_dir, *LONG), log))
     wait_until(lambda: has_logged_a_step(output_dir), run, "first metrics line", log)
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=300) == 143
@@ -87,7 +87,7 @@ def test_sigterm_saves_last_and_resume_reaches_the_uninterrupted_prompt(long_ref
         f"and --resume {output_dir}"
     )
 
-    assert train.main(args(gpt2_dir, jsonl, output_dir, *LONG, "--resume", str(output_dir))) == 0
+    assert train.main(args(gpt2_dir, demo_rows_file, output_dir, *LONG, "--resume", str(output_dir))) == 0
     assert torch.equal(prompt(output_dir / "last"), prompt(long_reference / "last"))
     assert torch.equal(prompt(output_dir / "best"), prompt(long_reference / "best"))
     resumed, reference = (load_file(run / "last" / "training_state.safetensors") for run in (output_dir, long_reference))
@@ -116,9 +116,9 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def test_a_second_sigterm_aborts_at_once(gpt2_dir, jsonl, tmp_path, processes):  # noqa: F811
+def test_a_second_sigterm_aborts_at_once(gpt2_dir, demo_rows_file, tmp_path, processes):  # noqa: F811
     output_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
-    processes.append(run := start_train(output_dir, args(gpt2_dir, jsonl, output_dir), log, ["-c", TWICE]))
+    processes.append(run := start_train(output_dir, args(gpt2_dir, demo_rows_file, output_dir), log, ["-c", TWICE]))
     assert run.wait(timeout=300) == -signal.SIGTERM  # killed by the default action, mid-step
     assert "SIGTERM: stopping after this step" in log.read_text()
     assert json.loads((output_dir / "last" / "training_state.json").read_text())["step"] == 2  # --save-every 2
@@ -127,9 +127,9 @@ def test_a_second_sigterm_aborts_at_once(gpt2_dir, jsonl, tmp_path, processes): 
 # -- one live run per folder -----------------------------------------------------------------------
 
 
-def test_a_second_run_on_a_live_runs_folder_is_refused_and_a_killed_runs_lock_blocks_nothing(gpt2_dir, jsonl, tmp_path, processes, capsys):  # noqa: F811
+def test_a_second_run_on_a_live_runs_folder_is_refused_and_a_killed_runs_lock_blocks_nothing(gpt2_dir, demo_rows_file, tmp_path, processes, capsys):  # noqa: F811
     output_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
-    argv = args(gpt2_dir, jsonl, output_dir, "--epochs", "500", "--save-every", "1")
+    argv = args(gpt2_dir, demo_rows_file, output_dir, "--epochs", "500", "--save-every", "1")
     processes.append(run := start_train(output_dir, argv, log))
     wait_until(lambda: (output_dir / "last" / "training_state.json").is_file(), run, "first save", log)
 
@@ -149,8 +149,8 @@ def test_a_second_run_on_a_live_runs_folder_is_refused_and_a_killed_runs_lock_bl
     assert (output_dir / LOCK_NAME).read_text() == f"{os.getpid()}\n"
 
 
-def test_a_refused_run_changes_nothing_in_the_folder(gpt2_dir, jsonl, tmp_path, capsys):  # noqa: F811
-    argv = args(gpt2_dir, jsonl, tmp_path, "--max-steps", "2")
+def test_a_refused_run_changes_nothing_in_the_folder(gpt2_dir, demo_rows_file, tmp_path, capsys):  # noqa: F811
+    argv = args(gpt2_dir, demo_rows_file, tmp_path, "--max-steps", "2")
     assert train.main(argv) == 0
     before = snapshot(tmp_path)
     with RunLock.take(tmp_path):  # as another process would hold it (a second open file is a second holder)
@@ -187,16 +187,16 @@ def fill(folder: Path, leave: int = 0) -> Path:
 NO_SPACE = "No space left on device (ENOSPC)"
 
 
-def test_a_full_disk_mid_run_is_one_line_keeps_last_whole_and_resumes_once_there_is_room(gpt2_dir, jsonl, tmp_path, tmpfs, capsys):  # noqa: F811
+def test_a_full_disk_mid_run_is_one_line_keeps_last_whole_and_resumes_once_there_is_room(gpt2_dir, demo_rows_file, tmp_path, tmpfs, capsys):  # noqa: F811
     constant = ("--scheduler", "constant")
     reference = tmp_path / "reference"
-    assert train.main(args(gpt2_dir, jsonl, reference, *constant)) == 0
+    assert train.main(args(gpt2_dir, demo_rows_file, reference, *constant)) == 0
     output_dir = tmpfs / "run"
-    assert train.main(args(gpt2_dir, jsonl, output_dir, *constant, "--max-steps", "4")) == 0
+    assert train.main(args(gpt2_dir, demo_rows_file, output_dir, *constant, "--max-steps", "4")) == 0
 
     # Room for the config and the metrics, not for the next checkpoint (about 13 pages).
     filler = fill(tmpfs, leave=8 * 4096)
-    resume = args(gpt2_dir, jsonl, output_dir, *constant, "--resume", str(output_dir))
+    resume = args(gpt2_dir, demo_rows_file, output_dir, *constant, "--resume", str(output_dir))
     code, stderr = one_line_error(capsys, lambda: train.main(resume))
     assert code == 2 and "Traceback" not in stderr
     last_line = stderr.strip().splitlines()[-1]
@@ -213,9 +213,9 @@ def test_a_full_disk_mid_run_is_one_line_keeps_last_whole_and_resumes_once_there
     assert torch.equal(prompt(output_dir / "last"), prompt(reference / "last"))
 
 
-def test_a_new_run_on_a_tiny_disk_is_one_line(gpt2_dir, jsonl, tmpfs, capsys):  # noqa: F811
+def test_a_new_run_on_a_tiny_disk_is_one_line(gpt2_dir, demo_rows_file, tmpfs, capsys):  # noqa: F811
     fill(tmpfs, leave=12 * 4096)
-    code, stderr = one_line_error(capsys, lambda: train.main(args(gpt2_dir, jsonl, tmpfs / "run")))
+    code, stderr = one_line_error(capsys, lambda: train.main(args(gpt2_dir, demo_rows_file, tmpfs / "run")))
     assert code == 2 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith(f"train.py: error: cannot write {tmpfs / 'run'}")
     assert NO_SPACE in stderr.strip().splitlines()[-1]
@@ -282,10 +282,10 @@ def expected_modes(folder: Path, mask: int) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("mask", [0o022, 0o007])
-def test_a_run_folder_follows_the_umask(mask, gpt2_dir, jsonl, tmp_path, umask):  # noqa: F811
+def test_a_run_folder_follows_the_umask(mask, gpt2_dir, demo_rows_file, tmp_path, umask):  # noqa: F811
     umask(mask)
     output_dir = tmp_path / "run"
-    assert train.main(args(gpt2_dir, jsonl, output_dir, "--max-steps", "3")) == 0
+    assert train.main(args(gpt2_dir, demo_rows_file, output_dir, "--max-steps", "3")) == 0
     found = modes(output_dir)
     assert {"last", "best", "last/adapter_model.safetensors", "last/training_state.json", "metrics.jsonl",
             "train_config.json", LOCK_NAME} <= found.keys()  # fmt: skip

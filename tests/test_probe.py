@@ -11,7 +11,7 @@ import train
 from soft_prompt.chance import text_script_shares
 from soft_prompt.model import SoftPromptModel
 from soft_prompt.probe import probe
-from soft_prompt.tiny import build_tiny_model, build_tokenizer, demo_rows, save_tiny_model
+from soft_prompt.tiny import build_tiny_model, build_tokenizer, save_tiny_model
 
 
 def reference_continuation(model: SoftPromptModel, text: str, max_new_tokens: int, penalty: float) -> list[int]:
@@ -52,13 +52,6 @@ PROBES = ["the cat is lovely", "my neighbour"]
 
 
 @pytest.fixture(scope="module")
-def rows_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(40)))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> str:
     return save_tiny_model(tmp_path_factory.mktemp("llama"), "llama", initializer_range=0.3)
 
@@ -82,11 +75,11 @@ def eval_steps(output_dir) -> list[int]:
     return [line["step"] for line in lines if "eval_loss" in line]
 
 
-def test_train_probes_at_step_0_and_every_evaluation_and_a_resumed_run_continues_them(llama_dir, rows_file, tmp_path, monkeypatch):
+def test_train_probes_at_step_0_and_every_evaluation_and_a_resumed_run_continues_them(llama_dir, demo_rows_file, tmp_path, monkeypatch):
     # --no-shared-prefix: the interruption below counts calls of the plain loss.
     with_eval = ("--val-fraction", "0.25", "--eval-every", "3", "--no-shared-prefix")
     reference = tmp_path / "reference"
-    assert train.main(train_args(llama_dir, rows_file, reference, *with_eval)) == 0
+    assert train.main(train_args(llama_dir, demo_rows_file, reference, *with_eval)) == 0
     lines = probe_lines(reference)
     assert eval_steps(reference) == [3, 6, 8]
     assert [line["step"] for line in lines] == [0, 3, 6, 8]
@@ -111,15 +104,15 @@ def test_train_probes_at_step_0_and_every_evaluation_and_a_resumed_run_continues
         return original_loss(self, *a, **k)
 
     monkeypatch.setattr(SoftPromptModel, "loss", interrupt_at_fifth_micro_batch)
-    assert train.main(train_args(llama_dir, rows_file, interrupted, *with_eval)) == 130
+    assert train.main(train_args(llama_dir, demo_rows_file, interrupted, *with_eval)) == 130
     monkeypatch.undo()
     assert [line["step"] for line in probe_lines(interrupted)] == [0, 3]
-    assert train.main(train_args(llama_dir, rows_file, interrupted, *with_eval, "--resume", str(interrupted))) == 0
+    assert train.main(train_args(llama_dir, demo_rows_file, interrupted, *with_eval, "--resume", str(interrupted))) == 0
     assert probe_lines(interrupted) == lines
 
 
-def test_train_without_eval_rows_probes_at_each_epoch_end_and_the_last_step(llama_dir, rows_file, tmp_path):
-    assert train.main(train_args(llama_dir, rows_file, tmp_path, "--max-steps", "6")) == 0  # epochs end at 5 and 10
+def test_train_without_eval_rows_probes_at_each_epoch_end_and_the_last_step(llama_dir, demo_rows_file, tmp_path):
+    assert train.main(train_args(llama_dir, demo_rows_file, tmp_path, "--max-steps", "6")) == 0  # epochs end at 5 and 10
     assert eval_steps(tmp_path) == []
     assert [line["step"] for line in probe_lines(tmp_path)] == [0, 5, 6]
 

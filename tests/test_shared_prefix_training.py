@@ -13,16 +13,9 @@ from safetensors.torch import load_file
 
 import train
 from soft_prompt import training
-from soft_prompt.tiny import demo_rows, save_tiny_model
+from soft_prompt.tiny import save_tiny_model
 
 HATE = "Sentence : {text} Label : {label_text}"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(40)))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +40,10 @@ def run_files(run: Path) -> tuple[torch.Tensor, list[dict], dict]:
 
 
 @pytest.mark.parametrize("arch", ["bloom", "llama"])
-def test_twenty_steps_equal_the_plain_path_to_round_off(arch, models, data, tmp_path):
+def test_twenty_steps_equal_the_plain_path_to_round_off(arch, models, demo_rows_file, tmp_path):
     extra = ("--max-steps", "20", "--precision", "fp32", "--lr", "0.1")
-    assert train.main(args(models[arch], data, tmp_path / "shared", *extra)) == 0
-    assert train.main(args(models[arch], data, tmp_path / "plain", *extra, "--no-shared-prefix")) == 0
+    assert train.main(args(models[arch], demo_rows_file, tmp_path / "shared", *extra)) == 0
+    assert train.main(args(models[arch], demo_rows_file, tmp_path / "plain", *extra, "--no-shared-prefix")) == 0
     shared, shared_lines, shared_config = run_files(tmp_path / "shared")
     plain, plain_lines, plain_config = run_files(tmp_path / "plain")
     assert shared_config["automatic"]["loss_path"] == "shared prefix"
@@ -63,10 +56,10 @@ def test_twenty_steps_equal_the_plain_path_to_round_off(arch, models, data, tmp_
         assert ours[key] == pytest.approx(theirs[key], rel=1e-5)
 
 
-def test_bf16_runs_stay_within_bf16_round_off_of_the_plain_path(models, data, tmp_path):
+def test_bf16_runs_stay_within_bf16_round_off_of_the_plain_path(models, demo_rows_file, tmp_path):
     extra = ("--max-steps", "6", "--precision", "bf16")
-    assert train.main(args(models["llama"], data, tmp_path / "shared", *extra)) == 0
-    assert train.main(args(models["llama"], data, tmp_path / "plain", *extra, "--no-shared-prefix")) == 0
+    assert train.main(args(models["llama"], demo_rows_file, tmp_path / "shared", *extra)) == 0
+    assert train.main(args(models["llama"], demo_rows_file, tmp_path / "plain", *extra, "--no-shared-prefix")) == 0
     (_, shared, _), (_, plain, _) = run_files(tmp_path / "shared"), run_files(tmp_path / "plain")
     for ours, theirs in zip(shared, plain, strict=True):
         key = "loss" if "loss" in ours else "eval_loss"
@@ -80,16 +73,16 @@ def test_bf16_runs_stay_within_bf16_round_off_of_the_plain_path(models, data, tm
         ("llama", ("--gradient-checkpointing",), "checkpointing"),  # transformers drops a cache under it
     ],
 )
-def test_a_model_or_mode_that_cannot_take_it_runs_the_plain_path_and_says_why(arch, extra, reason, models, data, tmp_path):
-    assert train.main(args(models[arch], data, tmp_path, "--max-steps", "1", *extra)) == 0
+def test_a_model_or_mode_that_cannot_take_it_runs_the_plain_path_and_says_why(arch, extra, reason, models, demo_rows_file, tmp_path):
+    assert train.main(args(models[arch], demo_rows_file, tmp_path, "--max-steps", "1", *extra)) == 0
     loss_path = json.loads((tmp_path / "train_config.json").read_text())["automatic"]["loss_path"]
     assert loss_path.startswith("plain (") and reason in loss_path
 
 
-def test_the_defaults_resume_bit_exactly(models, data, tmp_path, monkeypatch):
+def test_the_defaults_resume_bit_exactly(models, demo_rows_file, tmp_path, monkeypatch):
     """The defaults here: --precision auto, the shared-prefix path (Llama has no dropout)."""
     reference = tmp_path / "reference"
-    assert train.main(args(models["llama"], data, reference, "--epochs", "2")) == 0
+    assert train.main(args(models["llama"], demo_rows_file, reference, "--epochs", "2")) == 0
     original, calls = training.shared_prefix_loss, []
 
     def interrupt_at_fifth_micro_batch(model, *a, **k):
@@ -101,10 +94,10 @@ def test_the_defaults_resume_bit_exactly(models, data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "shared_prefix_loss", interrupt_at_fifth_micro_batch)
     run = tmp_path / "run"
-    assert train.main(args(models["llama"], data, run, "--epochs", "2")) == 130
+    assert train.main(args(models["llama"], demo_rows_file, run, "--epochs", "2")) == 130
     monkeypatch.setattr(training, "shared_prefix_loss", original)
     assert json.loads((run / "last" / "training_state.json").read_text())["step"] == 3
-    assert train.main(args(models["llama"], data, run, "--epochs", "2", "--resume", str(run))) == 0
+    assert train.main(args(models["llama"], demo_rows_file, run, "--epochs", "2", "--resume", str(run))) == 0
     resumed, resumed_lines, config = run_files(run)
     expected, expected_lines, _ = run_files(reference)
     assert config["automatic"]["loss_path"] == "shared prefix" and "precision" in config["automatic"]

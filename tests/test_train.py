@@ -14,17 +14,10 @@ from safetensors.torch import load_file
 import train
 from soft_prompt import SoftPromptModel
 from soft_prompt.config import TASKS, TrainConfig, build_parser, config_fields, parse_args, resolve_automatic, resolve_config
-from soft_prompt.tiny import demo_rows, save_tiny_model
+from soft_prompt.tiny import save_tiny_model
 from soft_prompt.training import lr_at
 
 HATE = "Sentence : {text} Label : {label_text}"
-
-
-@pytest.fixture(scope="module")
-def jsonl(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(40)))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +45,14 @@ def prompt(directory) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def reference_runs(gpt2_dir, jsonl, tmp_path_factory):
+def reference_runs(gpt2_dir, demo_rows_file, tmp_path_factory):
     """The uninterrupted run for some extra flags (made once per module for each)."""
     runs: dict[tuple[str, ...], Path] = {}
 
     def reference(*extra: str) -> Path:
         if extra not in runs:
             runs[extra] = tmp_path_factory.mktemp("reference")
-            assert train.main(args(gpt2_dir, jsonl, runs[extra], *extra)) == 0
+            assert train.main(args(gpt2_dir, demo_rows_file, runs[extra], *extra)) == 0
         return runs[extra]
 
     return reference
@@ -70,8 +63,8 @@ def reference_run(reference_runs) -> Path:
     return reference_runs()
 
 
-def test_same_arguments_give_bit_identical_prompts(reference_run, gpt2_dir, jsonl, tmp_path):
-    assert train.main(args(gpt2_dir, jsonl, tmp_path)) == 0
+def test_same_arguments_give_bit_identical_prompts(reference_run, gpt2_dir, demo_rows_file, tmp_path):
+    assert train.main(args(gpt2_dir, demo_rows_file, tmp_path)) == 0
     assert torch.equal(prompt(tmp_path / "last"), prompt(reference_run / "last"))
     assert torch.equal(prompt(tmp_path / "best"), prompt(reference_run / "best"))
     assert losses(tmp_path) == losses(reference_run)
@@ -83,7 +76,7 @@ def test_same_arguments_give_bit_identical_prompts(reference_run, gpt2_dir, json
 # batches; on CPU --max-batch-tokens auto = 512, which these short rows stay under, and fp32 weights),
 # the plain shuffle, batches cut into micro-batches, and bf16 compute with bf16 weights (auto).
 @pytest.mark.parametrize("extra", [(), ("--no-group-by-length",), ("--max-batch-tokens", "100"), ("--precision", "bf16")])
-def test_ctrl_c_saves_last_and_resume_reaches_the_same_prompt(extra, reference_runs, gpt2_dir, jsonl, tmp_path, monkeypatch):
+def test_ctrl_c_saves_last_and_resume_reaches_the_same_prompt(extra, reference_runs, gpt2_dir, demo_rows_file, tmp_path, monkeypatch):
     reference_run = reference_runs(*extra)
     original_loss, calls = SoftPromptModel.loss, []
 
@@ -95,7 +88,7 @@ def test_ctrl_c_saves_last_and_resume_reaches_the_same_prompt(extra, reference_r
         return original_loss(self, *a, **k)
 
     monkeypatch.setattr(SoftPromptModel, "loss", interrupt_at_fifth_micro_batch)
-    assert train.main(args(gpt2_dir, jsonl, tmp_path, *extra)) == 130
+    assert train.main(args(gpt2_dir, demo_rows_file, tmp_path, *extra)) == 130
     monkeypatch.setattr(SoftPromptModel, "loss", original_loss)
     state = json.loads((tmp_path / "last" / "training_state.json").read_text())
     # 2 micro-batches a step, or 4 when --max-batch-tokens 100 cuts each batch of 4 in two.
@@ -103,7 +96,7 @@ def test_ctrl_c_saves_last_and_resume_reaches_the_same_prompt(extra, reference_r
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == expected
     assert not (tmp_path / "loss_curve.png").exists()
 
-    assert train.main(args(gpt2_dir, jsonl, tmp_path, *extra, "--resume", str(tmp_path))) == 0
+    assert train.main(args(gpt2_dir, demo_rows_file, tmp_path, *extra, "--resume", str(tmp_path))) == 0
     assert torch.equal(prompt(tmp_path / "last"), prompt(reference_run / "last"))
     assert torch.equal(prompt(tmp_path / "best"), prompt(reference_run / "best"))
     resumed, reference = (load_file(run / "last" / "training_state.safetensors") for run in (tmp_path, reference_run))
@@ -126,7 +119,7 @@ def nan_loss_on(monkeypatch, bad_calls: set[int] | None):
     monkeypatch.setattr(SoftPromptModel, "loss", loss)
 
 
-def test_micro_batches_and_accumulation_give_the_gradient_of_the_whole_batch(bloom_dir, jsonl, tmp_path, monkeypatch):
+def test_micro_batches_and_accumulation_give_the_gradient_of_the_whole_batch(bloom_dir, demo_rows_file, tmp_path, monkeypatch):
     """A step's loss is the mean over all its labelled tokens, however the step is cut: 8-row batches
     whole, cut into micro-batches by --max-batch-tokens (a number, or auto on CPU, here made small),
     or as 2 accumulated batches of 4 (the same rows: without length grouping a batch of 8 is two
@@ -144,7 +137,7 @@ def test_micro_batches_and_accumulation_give_the_gradient_of_the_whole_batch(blo
     def run(name: str, *extra: str) -> tuple[torch.Tensor, list[float], int]:
         calls.clear()
         output_dir = tmp_path / name
-        arguments = ["--model", bloom_dir, "--data", jsonl, "--template", HATE, "--output-dir", str(output_dir),
+        arguments = ["--model", bloom_dir, "--data", demo_rows_file, "--template", HATE, "--output-dir", str(output_dir),
                      "--num-virtual-tokens", "4", "--epochs", "1", "--seed", "3", "--save-every", "0",
                      "--no-group-by-length", "--no-shared-prefix", "--precision", "fp32", *extra]
         assert train.main(arguments) == 0
@@ -164,9 +157,9 @@ def test_micro_batches_and_accumulation_give_the_gradient_of_the_whole_batch(blo
                          "loss_path": "plain (--no-shared-prefix)", "best_metric": "macro_f1"}  # the rows have label words
 
 
-def test_a_non_finite_step_is_skipped_and_counted(bloom_dir, jsonl, tmp_path, monkeypatch):
+def test_a_non_finite_step_is_skipped_and_counted(bloom_dir, demo_rows_file, tmp_path, monkeypatch):
     nan_loss_on(monkeypatch, {1, 2})  # the first step's two micro-batches
-    config = resolve_config(parse_args(args(bloom_dir, jsonl, tmp_path, "--max-steps", "2", "--no-shared-prefix")))
+    config = resolve_config(parse_args(args(bloom_dir, demo_rows_file, tmp_path, "--max-steps", "2", "--no-shared-prefix")))
     summary = train.train(config)
     assert summary["skipped_steps"] == 1 and summary["steps"] == 2
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -174,9 +167,9 @@ def test_a_non_finite_step_is_skipped_and_counted(bloom_dir, jsonl, tmp_path, mo
     assert torch.isfinite(prompt(tmp_path / "last")).all()
 
 
-def test_non_finite_steps_in_a_row_stop_the_run(bloom_dir, jsonl, tmp_path, monkeypatch, capsys):
+def test_non_finite_steps_in_a_row_stop_the_run(bloom_dir, demo_rows_file, tmp_path, monkeypatch, capsys):
     nan_loss_on(monkeypatch, None)
-    assert train.main(args(bloom_dir, jsonl, tmp_path, "--max-bad-steps", "2", "--no-shared-prefix")) == 1
+    assert train.main(args(bloom_dir, demo_rows_file, tmp_path, "--max-bad-steps", "2", "--no-shared-prefix")) == 1
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("train.py: stopped: the loss or gradient was not finite for 2 steps in a row")
 
@@ -185,7 +178,7 @@ def test_non_finite_steps_in_a_row_stop_the_run(bloom_dir, jsonl, tmp_path, monk
     "precision, model_dtype, weights",
     [("bf16", "auto", torch.bfloat16), ("fp16", "auto", torch.float16), ("fp16", "fp32", torch.float32), ("fp32", "fp16", torch.float16)],
 )
-def test_mixed_precision_keeps_an_fp32_prompt(precision, model_dtype, weights, bloom_dir, jsonl, tmp_path, monkeypatch):
+def test_mixed_precision_keeps_an_fp32_prompt(precision, model_dtype, weights, bloom_dir, demo_rows_file, tmp_path, monkeypatch):
     """--model-dtype auto stores the frozen weights in the --precision dtype; the prompt, its gradient
     and AdamW's moments stay fp32, and fp16 in either place brings the GradScaler."""
     original_loss, seen = SoftPromptModel.loss, []
@@ -196,7 +189,7 @@ def test_mixed_precision_keeps_an_fp32_prompt(precision, model_dtype, weights, b
 
     monkeypatch.setattr(SoftPromptModel, "loss", loss)
     extra = ["--precision", precision, "--model-dtype", model_dtype, "--max-steps", "2", "--device", "cpu", "--no-shared-prefix"]
-    assert train.main(args(bloom_dir, jsonl, tmp_path, *extra)) == 0
+    assert train.main(args(bloom_dir, demo_rows_file, tmp_path, *extra)) == 0
     assert set(seen) == {weights}
     weight = prompt(tmp_path / "last")
     assert weight.dtype == torch.float32 and torch.isfinite(weight).all()
@@ -212,13 +205,13 @@ def test_mixed_precision_keeps_an_fp32_prompt(precision, model_dtype, weights, b
     assert automatic.get("model_dtype") == (resolved if model_dtype == "auto" else None)
 
 
-def test_weights_in_the_compute_dtype_train_like_weights_cast_by_autocast(bloom_dir, jsonl, tmp_path):
+def test_weights_in_the_compute_dtype_train_like_weights_cast_by_autocast(bloom_dir, demo_rows_file, tmp_path):
     """bf16 weights (the default under --precision bf16) against fp32 weights under the same bf16
     autocast: the matmuls see the same rounded weights, only the norms and embeddings differ."""
     curves = []
     for model_dtype in ("auto", "fp32"):
         output_dir = tmp_path / model_dtype
-        assert train.main(args(bloom_dir, jsonl, output_dir, "--precision", "bf16", "--model-dtype", model_dtype)) == 0
+        assert train.main(args(bloom_dir, demo_rows_file, output_dir, "--precision", "bf16", "--model-dtype", model_dtype)) == 0
         curves.append(losses(output_dir))
     torch.testing.assert_close(curves[0], curves[1], rtol=2e-2, atol=0)
     assert curves[0] != curves[1]
@@ -293,10 +286,10 @@ def test_group_by_length_can_be_turned_off_and_batch_tokens_must_be_auto_or_a_nu
 
 
 @pytest.mark.parametrize("preset", [None, "7"])
-def test_training_caps_onednn_kernel_cache_unless_the_environment_sets_it(bloom_dir, jsonl, tmp_path, monkeypatch, preset):
+def test_training_caps_onednn_kernel_cache_unless_the_environment_sets_it(bloom_dir, demo_rows_file, tmp_path, monkeypatch, preset):
     if preset is None:
         monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     else:
         monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", preset)
-    assert train.main(args(bloom_dir, jsonl, tmp_path, "--max-steps", "1")) == 0
+    assert train.main(args(bloom_dir, demo_rows_file, tmp_path, "--max-steps", "1")) == 0
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == (preset or "32")

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.files import portable_path
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-HATE_TEMPLATE = "Sentence : {text} Label : {label_text}"
 
 
 def time_it(function, repeats: int, device: torch.device) -> float:

@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.files import portable_path
 
 RESULTS = Path(__file__).parent / "results"
-HATE_TEMPLATE = "Sentence : {text} Label : {label_text}"
 PHASES = {"load_data_rows": "read rows", "load_base_model": "load tokenizer and model", "tokenize_data": "tokenise"}
 
 # Run inside the timed process: wrap the phases of train() and stop at the first training forward.

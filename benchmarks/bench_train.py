@@ -32,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-from soft_prompt.config import TASKS
+from soft_prompt.config import HATE_TEMPLATE, TASKS
 from soft_prompt.files import portable_path
 
 RESULTS = Path(__file__).parent / "results"
-HATE_TEMPLATE = TASKS["hate"]["template"]
 PROMPTS_TEMPLATE = TASKS["prompts"]["template"]
 SIDES = ("defaults", "defaults-no-shared-prefix", "plain", "ours", "ours-micro-batches", "ours-checkpointed", "peft-trainer", "peft-loop")
 

@@ -43,7 +43,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from soft_prompt import SoftPromptModel  # noqa: E402
 from soft_prompt.checkpoint import PROMPT_KEY, WEIGHTS_NAME  # noqa: E402
-from soft_prompt.config import TASKS, resolve_config  # noqa: E402
+from soft_prompt.config import HATE_TEMPLATE, TASKS, resolve_config  # noqa: E402
 from soft_prompt.data import Example, batch_order, collate  # noqa: E402
 from soft_prompt.embedding import text_init_ids  # noqa: E402
 from soft_prompt.files import portable_path  # noqa: E402
@@ -51,7 +51,6 @@ from soft_prompt.templates import fill_template  # noqa: E402
 from soft_prompt.training import load_data_rows, tokenize_data, train  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-HATE_TEMPLATE = TASKS["hate"]["template"]
 PROMPTS_TEMPLATE = TASKS["prompts"]["template"]
 INIT_TEXT = "Is this hate speech?"  # shorter than the prompt on every tokenizer here: the fill shows
 # The tutorial's generation inputs: one prompts-task opening and two ETHOS-style sentences.

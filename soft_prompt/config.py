@@ -27,6 +27,7 @@ LOSS_SCOPES = ("all", "completion")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 REPARAMS = ("none", "residual")
 BEST_METRICS = (AUTO, "eval_loss", *FIT_METRICS)  # auto: macro_f1 with label words, else eval_loss
+HATE_TEMPLATE = "Sentence : {text} Label : {label_text}"
 HATE_INIT_TEXT = "Indicates whether the sentence contains hate speech or not"
 
 
@@ -214,7 +215,7 @@ TASKS: dict[str, dict] = {
     },
     "hate": {
         "data": "SetFit/ethos_binary",
-        "template": "Sentence : {text} Label : {label_text}",
+        "template": HATE_TEMPLATE,
         "init": "text",
         "init_text": HATE_INIT_TEXT,
         "label_words": ["hate speech", "no hate speech"],
@@ -223,7 +224,7 @@ TASKS: dict[str, dict] = {
     # A tiny BLOOM and ETHOS-shaped rows, generated into the run folder: nothing is downloaded.
     "demo": {
         "model": "tiny-bloom",
-        "template": "Sentence : {text} Label : {label_text}",
+        "template": HATE_TEMPLATE,
         "init": "text",
         "init_text": HATE_INIT_TEXT,
         "label_words": ["hate speech", "no hate speech"],

@@ -14,16 +14,15 @@ from soft_prompt.analysis import attention_to_prompt, script_of, uniform_attenti
 from soft_prompt.chance import random_vectors_like
 from soft_prompt.evaluation import prompt_drift
 from soft_prompt.checkpoint import INITIAL_PROMPT_NAME, load_initial_prompt
-from soft_prompt.config import HATE_INIT_TEXT, resolve_config
+from soft_prompt.config import HATE_INIT_TEXT, HATE_TEMPLATE, resolve_config
 from soft_prompt.data import Example, tokenize_rows
 from soft_prompt.embedding import text_init_ids
 from soft_prompt.tiny import demo_rows
 from soft_prompt.training import train
 from tests.conftest import load
 
-HATE = "Sentence : {text} Label : {label_text}"
 LABELS = ["hate speech", "no hate speech"]
-METADATA = {"template": HATE, "label_words": LABELS, "loss_on": "completion", "max_length": 64}
+METADATA = {"template": HATE_TEMPLATE, "label_words": LABELS, "loss_on": "completion", "max_length": 64}
 
 
 def wrapped(model_dir, **kwargs) -> SoftPromptModel:
@@ -95,7 +94,7 @@ def test_hard_prompt_of_a_text_prompt_is_the_text_itself(bloom_dir):
 
 def test_attention_to_the_prompt_does_not_depend_on_padding_or_batching(model_dir):
     model = wrapped(model_dir, num_virtual_tokens=3)
-    examples, _ = tokenize_rows(model.tokenizer, HATE, demo_rows(6), 64)
+    examples, _ = tokenize_rows(model.tokenizer, HATE_TEMPLATE, demo_rows(6), 64)
     assert len({len(example.input_ids) for example in examples}) > 1  # batches of 3 are padded
     batched = attention_to_prompt(model, examples, batch_size=3)
     one_at_a_time = [attention_to_prompt(model, [example], batch_size=1) for example in examples]
@@ -159,7 +158,7 @@ def run_dir(tmp_path_factory) -> Path:
     data = folder / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(24)))
     config = resolve_config({
-        "model": save_tiny_model(folder / "model", "llama"), "data": str(data), "template": HATE, "init": "text",
+        "model": save_tiny_model(folder / "model", "llama"), "data": str(data), "template": HATE_TEMPLATE, "init": "text",
         "init_text": HATE_INIT_TEXT, "num_virtual_tokens": 4, "loss_on": "completion", "val_fraction": 0.25,
         "batch_size": 6, "epochs": 2, "lr": 0.3, "output_dir": str(folder / "run"), "seed": 3, "precision": "fp32",
         "probe": ["the cat"], "probe_tokens": 4,

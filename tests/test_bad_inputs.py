@@ -13,12 +13,12 @@ import torch
 import infer
 import train
 from soft_prompt import SoftPromptModel
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.tiny import build_tiny_model, demo_rows, save_tiny_model
 from tests.conftest import load
 from tests.test_infer_cli import cli
 from tests.test_train_cli import run_cli
 
-HATE = "Sentence : {text} Label : {label_text}"
 LABELS = ["no hate speech", "hate speech"]
 
 
@@ -77,7 +77,7 @@ def one_line_error(capsys, call) -> tuple[int, str]:
 
 def train_args(model: str, data: str, output_dir, *extra: str) -> list[str]:
     return [
-        "--model", model, "--data", data, "--template", HATE, "--output-dir", str(output_dir),
+        "--model", model, "--data", data, "--template", HATE_TEMPLATE, "--output-dir", str(output_dir),
         "--num-virtual-tokens", "4", "--batch-size", "4", "--max-steps", "2", "--save-every", "1",
         "--val-fraction", "0.25", "--seed", "1", *extra,
     ]  # fmt: skip
@@ -239,7 +239,7 @@ def test_resume_of_a_state_from_before_the_position_checks_warns_and_runs(run_fo
 
 
 def test_train_end_to_end_bad_data_is_one_line_without_traceback(files, tmp_path):
-    result = run_cli("--data", str(files / "broken.jsonl"), "--template", HATE, "--output-dir", str(tmp_path / "run"))
+    result = run_cli("--data", str(files / "broken.jsonl"), "--template", HATE_TEMPLATE, "--output-dir", str(tmp_path / "run"))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"train.py: error: {files / 'broken.jsonl'}:2: not JSON (Expecting ',' delimiter, column 42)"
@@ -260,8 +260,8 @@ def checkpoints(bloom_dir, tmp_path_factory) -> dict[str, str]:
         wrapper.save_pretrained(directory / name, **metadata)
         return directory / name
 
-    save("CKPT", template=HATE, label_words=LABELS)
-    save("ONE_LABEL", template=HATE, label_words=["hate speech"])
+    save("CKPT", template=HATE_TEMPLATE, label_words=LABELS)
+    save("ONE_LABEL", template=HATE_TEMPLATE, label_words=["hate speech"])
     save("WIDE", SoftPromptModel(build_tiny_model("bloom", 400, hidden_size=48), num_virtual_tokens=2, seed=0))
     cut(save("CORRUPT") / "adapter_model.safetensors", 30)
     (save("BINARY_META") / "soft_prompt.json").write_bytes(bytes(range(128, 256)))

@@ -22,9 +22,9 @@ from soft_prompt.calibration import (
     record_offsets,
     reference_offsets,
 )
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.evaluation import label_metrics
 
-TEMPLATE = "Sentence : {text} Label : {label_text}"
 LABELS = ["no hate speech", "hate speech"]
 
 
@@ -129,7 +129,7 @@ def test_ensemble_mean_and_vote_equal_a_hand_computation():
 @pytest.fixture
 def wrapper(bloom):
     model, tokenizer = bloom
-    return SoftPromptModel(model, num_virtual_tokens=3, seed=0, tokenizer=tokenizer, metadata={"template": TEMPLATE})
+    return SoftPromptModel(model, num_virtual_tokens=3, seed=0, tokenizer=tokenizer, metadata={"template": HATE_TEMPLATE})
 
 
 def test_reference_calibration_divides_by_the_models_content_free_probabilities(wrapper):

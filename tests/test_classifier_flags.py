@@ -15,13 +15,12 @@ from safetensors.torch import load_file
 import infer
 import train
 from soft_prompt import SoftPromptModel
-from soft_prompt.config import parse_args, resolve_config
+from soft_prompt.config import HATE_TEMPLATE, parse_args, resolve_config
 from soft_prompt.scoring import label_sequences
 from soft_prompt.tiny import demo_rows, save_tiny_model
 from soft_prompt.training import load_data_rows
 from tests.conftest import load
 
-HATE = "Sentence : {text} Label : {label_text}"
 LABELS = ["hate speech", "no hate speech"]
 COLOURS = ["red", "green", "blue"]
 
@@ -44,7 +43,7 @@ def rows(tmp_path_factory) -> str:
 
 def flags(model_dir: str, data: str, output_dir, *extra: str) -> list[str]:
     # 30 train rows, 10 validation rows; batches of 8: 4 steps an epoch
-    return ["--model", model_dir, "--data", data, "--template", HATE, "--output-dir", str(output_dir),
+    return ["--model", model_dir, "--data", data, "--template", HATE_TEMPLATE, "--output-dir", str(output_dir),
             "--num-virtual-tokens", "4", "--batch-size", "8", "--val-fraction", "0.25", "--loss-on", "completion",
             "--epochs", "1", "--precision", "fp32", *extra]  # fmt: skip
 
@@ -61,8 +60,8 @@ def label_totals(model_dir: str, checkpoint, texts: list[str], labels: list[str]
     """(the labels' summed log-probabilities [N, L], their token counts [N, L]) after a checkpoint's prompt."""
     base, tokenizer = load(model_dir)
     model = SoftPromptModel.from_pretrained(base, checkpoint, tokenizer=tokenizer)
-    totals = model.classify(texts, labels, HATE)[1]
-    counts = [len(label) for _, label in label_sequences(texts, labels, HATE, tokenizer)]
+    totals = model.classify(texts, labels, HATE_TEMPLATE)[1]
+    counts = [len(label) for _, label in label_sequences(texts, labels, HATE_TEMPLATE, tokenizer)]
     return totals, torch.tensor(counts, dtype=torch.float32).view(len(texts), len(labels))
 
 
@@ -77,12 +76,12 @@ def test_val_fraction_is_stratified_by_label(tmp_path):
     labelled = [{"text": f"row {i}", "label_text": label} for i, label in enumerate(["a"] * 20 + ["b"] * 12 + ["c"] * 8)]
     data = write_rows(tmp_path / "rows.jsonl", labelled)
     for seed in ("1", "2"):
-        config = resolve_config(parse_args(["--data", data, "--template", HATE, "--val-fraction", "0.25", "--seed", seed]))
+        config = resolve_config(parse_args(["--data", data, "--template", HATE_TEMPLATE, "--val-fraction", "0.25", "--seed", seed]))
         train_rows, val_rows = load_data_rows(config)
         shares = [sum(row["label_text"] == label for row in val_rows) for label in "abc"]
         assert shares == [5, 3, 2] and len(train_rows) == 30
     # --val-seed fixes the held-out rows whatever --seed is (what an ensemble's members share)
-    splits = [load_data_rows(resolve_config(parse_args(["--data", data, "--template", HATE, "--val-fraction", "0.25",
+    splits = [load_data_rows(resolve_config(parse_args(["--data", data, "--template", HATE_TEMPLATE, "--val-fraction", "0.25",
                                                         "--seed", seed, "--val-seed", "7"])))[1] for seed in ("1", "2")]
     assert splits[0] == splits[1]
 
@@ -221,14 +220,14 @@ def test_task_classify_with_three_label_words_end_to_end(model_dir, tmp_path):
     coloured = [{"text": row["text"], "label_text": COLOURS[i % 3]} for i, row in enumerate(demo_rows(45))]
     data = write_rows(tmp_path / "rows.jsonl", coloured)
     run = tmp_path / "run"
-    argv = ["--task", "classify", "--model", model_dir, "--data", data, "--template", HATE, "--label-words", *COLOURS,
+    argv = ["--task", "classify", "--model", model_dir, "--data", data, "--template", HATE_TEMPLATE, "--label-words", *COLOURS,
             "--num-virtual-tokens", "5", "--epochs", "2", "--output-dir", str(run)]
     assert train.main(argv) == 0
     config = json.loads((run / "train_config.json").read_text())
     assert (config["data"]["val_fraction"], config["classify"]["best_metric"]) == (0.2, "macro_f1")
     assert [line["step"] for line in eval_lines(run)] == [5, 10]  # 36 train rows in batches of 8, one evaluation an epoch
     saved = metadata(run / "best")
-    assert (saved["template"], saved["label_words"], saved["init"]) == (HATE, COLOURS, "labels")
+    assert (saved["template"], saved["label_words"], saved["init"]) == (HATE_TEMPLATE, COLOURS, "labels")
     assert (saved["calibration"]["method"], saved["calibration"]["label_score"], saved["label_score"]) == ("fitted", "mean", "mean")
     # --init labels: virtual token i starts as label word i's mean token embedding
     base, tokenizer = load(model_dir)

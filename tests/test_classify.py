@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from soft_prompt import SoftPromptModel
+from soft_prompt.config import HATE_TEMPLATE
 
 V = 3
-TEMPLATE = "Sentence : {text} Label : {label_text}"
 LABELS = ["no hate speech", "hate speech"]
 TEXTS = ["the cat is lovely", "those people are animals", "that song"]
 
@@ -28,7 +28,7 @@ def by_hand(wrapper, tokenizer, text, label, use_prompt=True):
 @pytest.mark.parametrize("use_prompt", [True, False])
 def test_scores_equal_the_frozen_model_fed_by_hand(model_and_tokenizer, use_prompt):
     model, tokenizer = model_and_tokenizer
-    wrapper = SoftPromptModel(model, num_virtual_tokens=V, seed=0, tokenizer=tokenizer, metadata={"template": TEMPLATE})
+    wrapper = SoftPromptModel(model, num_virtual_tokens=V, seed=0, tokenizer=tokenizer, metadata={"template": HATE_TEMPLATE})
     predictions, scores = wrapper.classify(TEXTS, LABELS, batch_size=4, use_prompt=use_prompt)  # 6 pairs: 2 batches
     want = torch.tensor([[by_hand(wrapper, tokenizer, t, label, use_prompt) for label in LABELS] for t in TEXTS])
     torch.testing.assert_close(scores, want, rtol=0, atol=1e-4)
@@ -38,10 +38,10 @@ def test_scores_equal_the_frozen_model_fed_by_hand(model_and_tokenizer, use_prom
 def test_the_prompt_changes_the_scores_and_batch_size_does_not(bloom):
     model, tokenizer = bloom
     wrapper = SoftPromptModel(model, num_virtual_tokens=V, seed=0, tokenizer=tokenizer)
-    _, batched = wrapper.classify(TEXTS, LABELS, template=TEMPLATE, batch_size=6)
-    _, one_by_one = wrapper.classify(TEXTS, LABELS, template=TEMPLATE, batch_size=1)
+    _, batched = wrapper.classify(TEXTS, LABELS, template=HATE_TEMPLATE, batch_size=6)
+    _, one_by_one = wrapper.classify(TEXTS, LABELS, template=HATE_TEMPLATE, batch_size=1)
     torch.testing.assert_close(batched, one_by_one, rtol=0, atol=1e-5)
-    _, without = wrapper.classify(TEXTS, LABELS, template=TEMPLATE, use_prompt=False)
+    _, without = wrapper.classify(TEXTS, LABELS, template=HATE_TEMPLATE, use_prompt=False)
     assert (batched - without).abs().max() > 1e-3
 
 
@@ -61,7 +61,7 @@ def test_long_inputs_are_cut_from_the_left_with_a_warning(model_dir):
     from tests.conftest import load
 
     model, tokenizer = load(model_dir)
-    wrapper = SoftPromptModel(model, num_virtual_tokens=V, seed=0, tokenizer=tokenizer, metadata={"template": TEMPLATE})
+    wrapper = SoftPromptModel(model, num_virtual_tokens=V, seed=0, tokenizer=tokenizer, metadata={"template": HATE_TEMPLATE})
     if wrapper.context_length is None:
         pytest.skip("ALiBi (BLOOM) has no context limit")
     long_text = " ".join(["the cat is lovely"] * 200)
@@ -80,9 +80,9 @@ def test_missing_template_tokenizer_or_labels_are_clear_errors(bloom):
     with pytest.raises(ValueError, match="no template"):
         wrapper.classify(TEXTS, LABELS, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        wrapper.classify(TEXTS, LABELS, template=TEMPLATE)
+        wrapper.classify(TEXTS, LABELS, template=HATE_TEMPLATE)
     with pytest.raises(ValueError, match="non-empty strings"):
-        wrapper.classify(TEXTS, ["", "hate speech"], template=TEMPLATE, tokenizer=tokenizer)
+        wrapper.classify(TEXTS, ["", "hate speech"], template=HATE_TEMPLATE, tokenizer=tokenizer)
 
 
 MANY_LABELS = ["no", "hate speech", "no hate speech", "the cat is lovely", "people", "fine", "music and more",
@@ -97,7 +97,7 @@ def test_shared_prefix_scores_equal_whole_sequences(model_and_tokenizer, batch_s
     model, tokenizer = model_and_tokenizer
     wrapper = SoftPromptModel(sharpen(model), num_virtual_tokens=V, seed=0, tokenizer=tokenizer)
     wrapper.add_prompt("long", 6, seed=1)
-    sequences = label_sequences(TEXTS, MANY_LABELS, TEMPLATE, tokenizer)
+    sequences = label_sequences(TEXTS, MANY_LABELS, HATE_TEMPLATE, tokenizer)
     names = [name for name in ("default", "long", None) for _ in MANY_LABELS]  # one prompt per text
     lengths = {len(completion) for _, completion in sequences}
     assert min(lengths) == 1 and max(lengths) >= 4  # labels of different token lengths
@@ -109,7 +109,7 @@ def test_shared_prefix_scores_equal_whole_sequences(model_and_tokenizer, batch_s
 
 def test_each_text_runs_once_whatever_its_labels(bloom):
     model, tokenizer = bloom
-    wrapper = SoftPromptModel(model, num_virtual_tokens=V, seed=0, tokenizer=tokenizer, metadata={"template": TEMPLATE})
+    wrapper = SoftPromptModel(model, num_virtual_tokens=V, seed=0, tokenizer=tokenizer, metadata={"template": HATE_TEMPLATE})
     passes = []  # (rows, positions) of each forward: the prompt, the texts, the labels
     model.get_decoder().register_forward_pre_hook(
         lambda module, args, kwargs: passes.append(tuple((kwargs.get("input_ids") if kwargs.get("input_ids") is not None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.data import (
     Example,
     batch_order,
@@ -24,7 +25,6 @@ from soft_prompt.templates import label_words_of
 from soft_prompt.tiny import build_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
-HATE = "Sentence : {text} Label : {label_text}"
 ROW = {"text": "the cat is lovely", "label": 0, "label_text": "no hate speech"}
 
 
@@ -34,7 +34,7 @@ def tokenizer():
 
 
 def test_row_is_the_whole_text_tokenised_plus_eos(tokenizer):
-    example, truncated = tokenize_row(tokenizer, HATE, ROW, max_length=256, loss_on="all")
+    example, truncated = tokenize_row(tokenizer, HATE_TEMPLATE, ROW, max_length=256, loss_on="all")
     whole = tokenizer("Sentence : the cat is lovely Label : no hate speech")["input_ids"]
     assert example.input_ids == whole + [tokenizer.eos_token_id]
     assert example.labels == example.input_ids
@@ -42,7 +42,7 @@ def test_row_is_the_whole_text_tokenised_plus_eos(tokenizer):
 
 
 def test_completion_loss_labels_exactly_the_label_tokens_and_eos(tokenizer):
-    example, _ = tokenize_row(tokenizer, HATE, ROW, max_length=256, loss_on="completion")
+    example, _ = tokenize_row(tokenizer, HATE_TEMPLATE, ROW, max_length=256, loss_on="completion")
     label_ids = tokenizer(" no hate speech", add_special_tokens=False)["input_ids"]
     prompt_ids = tokenizer("Sentence : the cat is lovely Label :")["input_ids"]
     assert example.labels == [IGNORE_INDEX] * len(prompt_ids) + label_ids + [tokenizer.eos_token_id]
@@ -50,19 +50,19 @@ def test_completion_loss_labels_exactly_the_label_tokens_and_eos(tokenizer):
 
 
 def test_truncation_keeps_eos_last_and_is_counted(tokenizer):
-    example, truncated = tokenize_row(tokenizer, HATE, ROW, max_length=4, loss_on="all")
+    example, truncated = tokenize_row(tokenizer, HATE_TEMPLATE, ROW, max_length=4, loss_on="all")
     whole = tokenizer("Sentence : the cat is lovely Label : no hate speech")["input_ids"]
     assert example.input_ids == whole[:3] + [tokenizer.eos_token_id]
     assert truncated is True
     rows = [ROW, {**ROW, "text": "x"}, {**ROW, "text": None}, {**ROW, "label_text": ""}]
     # 22 and 20 text tokens, + eos: only the first row is longer than 22
-    examples, stats = tokenize_rows(tokenizer, HATE, rows, max_length=22, loss_on="all")
+    examples, stats = tokenize_rows(tokenizer, HATE_TEMPLATE, rows, max_length=22, loss_on="all")
     assert (stats.rows, stats.truncated, stats.dropped, len(examples)) == (4, 1, 2, 2)
 
 
 def test_completion_rows_cut_before_their_label_are_dropped(tokenizer):
     # At 4 tokens the label is cut off: only the eos would be labelled, which teaches nothing.
-    examples, stats = tokenize_rows(tokenizer, HATE, [ROW], max_length=4, loss_on="completion")
+    examples, stats = tokenize_rows(tokenizer, HATE_TEMPLATE, [ROW], max_length=4, loss_on="completion")
     assert (examples, stats.truncated, stats.dropped) == ([], 1, 1)
 
 
@@ -187,9 +187,9 @@ def test_unreachable_hub_data_says_to_pass_a_local_file():
 
 def test_template_columns_are_checked():
     with pytest.raises(ValueError, match=r"template field \{label_text\} is not a column of d.jsonl \(its columns: text, label\)"):
-        check_template_columns(HATE, [{"text": "a", "label": 0}], "d.jsonl")
+        check_template_columns(HATE_TEMPLATE, [{"text": "a", "label": 0}], "d.jsonl")
     with pytest.raises(ValueError, match="d.jsonl has no rows"):
-        check_template_columns(HATE, [], "d.jsonl")
+        check_template_columns(HATE_TEMPLATE, [], "d.jsonl")
 
 
 def test_validation_split_is_seeded_and_disjoint():
@@ -221,7 +221,7 @@ def test_stratified_counts_give_leftover_rows_to_the_largest_remainders():
 
 def test_label_words_are_the_last_fields_values_when_few():
     rows = [{"text": str(i), "label_text": ["no", "yes"][i % 2]} for i in range(30)]
-    assert label_words_of(HATE, rows) == ["no", "yes"]
+    assert label_words_of(HATE_TEMPLATE, rows) == ["no", "yes"]
     assert label_words_of("{label_text}: {text}", rows) is None  # 30 distinct texts: not labels
 
 
@@ -229,4 +229,4 @@ def test_eos_is_required():
     tokenizer = build_tokenizer()
     tokenizer.eos_token = None
     with pytest.raises(ValueError, match="no eos token"):
-        tokenize_rows(tokenizer, HATE, [ROW], 16)
+        tokenize_rows(tokenizer, HATE_TEMPLATE, [ROW], 16)

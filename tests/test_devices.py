@@ -12,12 +12,11 @@ import torch
 import analyze
 import infer
 import train as train_script
-from soft_prompt.config import resolve_config
+from soft_prompt.config import HATE_TEMPLATE, resolve_config
 from soft_prompt.runtime import pick_device
 from soft_prompt.tiny import demo_rows, save_tiny_model
 from soft_prompt.training import train
 
-HATE = "Sentence : {text} Label : {label_text}"
 DEVICES = ["auto", "cpu"]
 
 
@@ -29,7 +28,7 @@ def trained(tmp_path_factory) -> tuple[str, Path, Path]:
     data = root / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(8)))
     run = root / "run"
-    config = resolve_config({"model": model_dir, "data": str(data), "template": HATE, "num_virtual_tokens": 2,
+    config = resolve_config({"model": model_dir, "data": str(data), "template": HATE_TEMPLATE, "num_virtual_tokens": 2,
                              "max_steps": 2, "batch_size": 4, "output_dir": str(run)})
     train(config)
     return model_dir, data, run
@@ -43,7 +42,7 @@ def test_auto_is_the_best_device_this_machine_has():
 @pytest.mark.parametrize("device", DEVICES)
 def test_train_py_takes_each_device(device, trained, tmp_path):
     model_dir, data, _ = trained
-    code = train_script.main(["--model", model_dir, "--data", str(data), "--template", HATE, "--num-virtual-tokens", "2",
+    code = train_script.main(["--model", model_dir, "--data", str(data), "--template", HATE_TEMPLATE, "--num-virtual-tokens", "2",
                               "--max-steps", "1", "--batch-size", "4", "--device", device, "--output-dir", str(tmp_path / "run")])
     assert code == 0
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["model"]["device"] == pick_device(device).type
@@ -88,7 +87,7 @@ def test_a_device_this_machine_lacks_is_one_line(script, trained, capsys):
 
 def test_train_leaves_the_callers_config_as_it_was(trained, tmp_path):
     model_dir, data, _ = trained
-    config = resolve_config({"model": model_dir, "data": str(data), "template": HATE, "num_virtual_tokens": 2,
+    config = resolve_config({"model": model_dir, "data": str(data), "template": HATE_TEMPLATE, "num_virtual_tokens": 2,
                              "max_steps": 1, "batch_size": 4, "output_dir": str(tmp_path / "run")})
     before = copy.deepcopy(config)
     train(config)

@@ -13,6 +13,7 @@ import torch
 
 import infer
 from soft_prompt import SoftPromptModel
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.evaluation import label_metrics
 from soft_prompt.inference import generate_texts
 from soft_prompt.runtime import load_prompted_model
@@ -20,7 +21,6 @@ from soft_prompt.tiny import demo_rows, save_tiny_model
 from tests.conftest import load
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE = "Sentence : {text} Label : {label_text}"
 LABELS = ["no hate speech", "hate speech"]
 
 
@@ -28,7 +28,7 @@ LABELS = ["no hate speech", "hate speech"]
 def checkpoint(bloom_dir, tmp_path_factory) -> str:
     model, _ = load(bloom_dir)
     directory = tmp_path_factory.mktemp("ckpt") / "prompt"
-    SoftPromptModel(model, num_virtual_tokens=4, seed=0).save_pretrained(directory, template=TEMPLATE, label_words=LABELS)
+    SoftPromptModel(model, num_virtual_tokens=4, seed=0).save_pretrained(directory, template=HATE_TEMPLATE, label_words=LABELS)
     return str(directory)
 
 

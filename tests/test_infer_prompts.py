@@ -8,13 +8,13 @@ import torch
 
 import infer
 from soft_prompt import SoftPromptModel
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.evaluation import label_metrics
 from soft_prompt.inference import generate_texts
 from soft_prompt.runtime import checkpoint_names, load_prompted_model
 from soft_prompt.tiny import build_tiny_model, save_tiny_model
 from tests.conftest import load
 
-TEMPLATE = "Sentence : {text} Label : {label_text}"
 LABELS = ["no hate speech", "hate speech"]
 TOPIC_TEMPLATE = "Topic of {text} is {topic}"
 TOPICS = ["music", "the cat", "people"]
@@ -31,7 +31,7 @@ def checkpoints(bloom_dir, tmp_path_factory) -> dict[str, str]:
     """Two checkpoints of different lengths, templates and label words for the tiny BLOOM."""
     model, _ = load(bloom_dir)
     directory = tmp_path_factory.mktemp("prompts")
-    SoftPromptModel(model, num_virtual_tokens=4, seed=0).save_pretrained(directory / "hate", template=TEMPLATE, label_words=LABELS)
+    SoftPromptModel(model, num_virtual_tokens=4, seed=0).save_pretrained(directory / "hate", template=HATE_TEMPLATE, label_words=LABELS)
     SoftPromptModel(model, num_virtual_tokens=2, seed=1).save_pretrained(
         directory / "topic", template=TOPIC_TEMPLATE, label_words=TOPICS
     )
@@ -103,7 +103,7 @@ def test_eval_scores_each_prompt_with_its_own_template_and_labels(bloom_dir, che
     gold = [row.get("label_text") or row.get("topic") for row in rows]
     for row, written, want in zip(rows, predictions, gold):
         name = row["prompt"]
-        template, labels = (TOPIC_TEMPLATE, TOPICS) if name == "topic" else (TEMPLATE, LABELS)  # null: the first's
+        template, labels = (TOPIC_TEMPLATE, TOPICS) if name == "topic" else (HATE_TEMPLATE, LABELS)  # null: the first's
         _, alone = model.classify([row], labels, template, prompt_names=[name])
         assert written["prompt"] == name and list(written["scores"]) == labels and written["label"] == want
         torch.testing.assert_close(torch.tensor(list(written["scores"].values())), alone[0], rtol=0, atol=1e-5)

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train
 from soft_prompt.chance import text_script_shares
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.model import SoftPromptModel
 from soft_prompt.probe import probe
 from soft_prompt.tiny import build_tiny_model, build_tokenizer, save_tiny_model
@@ -47,7 +48,6 @@ def test_probe_gives_the_greedy_continuation_and_its_scripts():
 
 # -- train.py --probe ---------------------------------------------------------------------------
 
-HATE = "Sentence : {text} Label : {label_text}"
 PROBES = ["the cat is lovely", "my neighbour"]
 
 
@@ -59,7 +59,7 @@ def llama_dir(tmp_path_factory) -> str:
 def train_args(model: str, data: str, output_dir, *extra: str) -> list[str]:
     # 40 rows (30 with --val-fraction 0.25) in batches of 4, 2 per step: 4 (5) steps an epoch.
     return [
-        "--model", model, "--data", data, "--template", HATE, "--output-dir", str(output_dir), "--batch-size", "4",
+        "--model", model, "--data", data, "--template", HATE_TEMPLATE, "--output-dir", str(output_dir), "--batch-size", "4",
         "--grad-accum", "2", "--epochs", "2", "--seed", "1", "--save-every", "2", "--precision", "fp32", "--probe", PROBES[0],
         "--probe", PROBES[1], "--probe-tokens", "6", *extra,
     ]  # fmt: skip
@@ -118,7 +118,7 @@ def test_train_without_eval_rows_probes_at_each_epoch_end_and_the_last_step(llam
 
 
 def test_probe_flags_are_checked_before_anything_loads(capsys):
-    base = ["--data", "rows.jsonl", "--template", HATE, "--probe", "hello"]
+    base = ["--data", "rows.jsonl", "--template", HATE_TEMPLATE, "--probe", "hello"]
     assert train.main([*base, "--probe-tokens", "0"]) == 2
     assert capsys.readouterr().err.strip().endswith("--probe-tokens must be at least 1, got 0")
     assert train.main([*base, "--fsdp"]) == 2

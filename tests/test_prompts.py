@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from soft_prompt import CheckpointError, SoftPromptModel
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.tiny import build_tiny_model
 from tests.test_generate import left_padded, sharpen
 
-TEMPLATE = "Sentence : {text} Label : {label_text}"
 LABELS = ["no hate speech", "hate speech", "fine"]  # label words of 1 to 3 tokens
 # Three prompts of different lengths and the frozen model alone; the same text under several of them.
 TEXTS = ["the cat is lovely", "our team made me smile and helps everyone", "the cat is lovely", "that song",
@@ -19,7 +19,7 @@ NEW = 8
 
 def three_prompts(model, tokenizer=None) -> SoftPromptModel:
     """The model with prompts default (V=3), short (V=2) and long (V=5), distinct random rows."""
-    wrapper = SoftPromptModel(model, num_virtual_tokens=3, seed=0, tokenizer=tokenizer, metadata={"template": TEMPLATE})
+    wrapper = SoftPromptModel(model, num_virtual_tokens=3, seed=0, tokenizer=tokenizer, metadata={"template": HATE_TEMPLATE})
     wrapper.add_prompt("short", 2, seed=1)
     wrapper.add_prompt("long", 5, seed=2)
     return wrapper
@@ -41,7 +41,7 @@ def sharp(model_and_tokenizer):
 
 def test_named_prompts_add_load_set_and_delete(bloom, tmp_path):
     model, tokenizer = bloom
-    wrapper = SoftPromptModel(model, num_virtual_tokens=3, seed=0, metadata={"template": TEMPLATE})
+    wrapper = SoftPromptModel(model, num_virtual_tokens=3, seed=0, metadata={"template": HATE_TEMPLATE})
     assert wrapper.prompt_names == ["default"] and wrapper.active_prompt == "default"
     other = SoftPromptModel(model, num_virtual_tokens=6, seed=7)
     other.save_pretrained(tmp_path / "six", label_words=["yes", "no"])
@@ -58,7 +58,7 @@ def test_named_prompts_add_load_set_and_delete(bloom, tmp_path):
     wrapper.save_pretrained(tmp_path / "saved-default", name="default")
     reloaded = SoftPromptModel.from_pretrained(model, tmp_path / "saved-default")
     assert torch.equal(reloaded.prompt.weight, wrapper.prompts["default"].weight)
-    assert reloaded.metadata["template"] == TEMPLATE
+    assert reloaded.metadata["template"] == HATE_TEMPLATE
     wrapper.set_prompt("default")
     wrapper.delete_prompt("six")
     assert wrapper.prompt_names == ["default"]
@@ -213,14 +213,14 @@ def test_prefix_cache_keeps_one_entry_per_prompt(sharp):
 def test_mixed_label_scores_equal_each_row_alone(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     wrapper = three_prompts(sharpen(model), tokenizer)
-    predictions, scores = wrapper.classify(TEXTS, LABELS, TEMPLATE, prompt_names=NAMES, batch_size=4)
+    predictions, scores = wrapper.classify(TEXTS, LABELS, HATE_TEMPLATE, prompt_names=NAMES, batch_size=4)
     assert scores.shape == (len(TEXTS), len(LABELS))
     for row, (text, name) in enumerate(zip(TEXTS, NAMES)):
         if name is None:
-            _, alone = wrapper.classify([text], LABELS, TEMPLATE, use_prompt=False)
+            _, alone = wrapper.classify([text], LABELS, HATE_TEMPLATE, use_prompt=False)
         else:
             wrapper.set_prompt(name)
-            _, alone = wrapper.classify([text], LABELS, TEMPLATE)
+            _, alone = wrapper.classify([text], LABELS, HATE_TEMPLATE)
         torch.testing.assert_close(scores[row], alone[0], rtol=0, atol=1e-4)
         assert predictions[row] == LABELS[int(alone[0].argmax())]
     assert (scores[0] - scores[2]).abs().max() > 1e-2 and (scores[2] - scores[4]).abs().max() > 1e-2

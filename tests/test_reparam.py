@@ -6,6 +6,7 @@ import torch
 
 from soft_prompt import SoftPromptModel
 from soft_prompt.checkpoint import load_checkpoint, save_checkpoint
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.masks import right_padded
 from soft_prompt.embedding import SoftPromptEmbedding
 from soft_prompt.reparam import REPARAM_FILE, add_reparam, bake, reparam_files, reparam_of, restore_reparam
@@ -13,7 +14,6 @@ from soft_prompt.training_state import TrainState, restore_training_state, train
 from tests.conftest import load
 
 V, H = 4, 8
-TEMPLATE = "Sentence : {text} Label : {label_text}"
 TEXTS = ["the cat is lovely", "those people are animals"]
 
 
@@ -70,16 +70,16 @@ def test_training_moves_p_and_the_mlp_and_scoring_sees_each_step(bloom_dir):
     parameters = list(wrapper.prompt.parameters())
     assert len(parameters) == 7 and all(param.requires_grad for param in parameters)  # P, 2 x Linear, LayerNorm
     before = [param.detach().clone() for param in parameters]
-    _, scores_before = wrapper.classify(TEXTS, ["no", "yes"], template=TEMPLATE)  # caches the prompt's keys and values
+    _, scores_before = wrapper.classify(TEXTS, ["no", "yes"], template=HATE_TEMPLATE)  # caches the prompt's keys and values
     optimizer = torch.optim.AdamW(parameters, lr=1e-2)
     wrapper.loss(**batch(wrapper.tokenizer)).backward()
     optimizer.step()
     assert all(not torch.equal(param, old) for param, old in zip(parameters, before))
-    _, scores_after = wrapper.classify(TEXTS, ["no", "yes"], template=TEMPLATE)
+    _, scores_after = wrapper.classify(TEXTS, ["no", "yes"], template=HATE_TEMPLATE)
     fresh = SoftPromptModel(load(bloom_dir)[0], num_virtual_tokens=V, seed=0, tokenizer=wrapper.tokenizer)
     with torch.no_grad():
         fresh.prompt.weight.copy_(wrapper.prompt.weight)
-    torch.testing.assert_close(scores_after, fresh.classify(TEXTS, ["no", "yes"], template=TEMPLATE)[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores_after, fresh.classify(TEXTS, ["no", "yes"], template=HATE_TEMPLATE)[1], rtol=0, atol=1e-5)
     assert (scores_after - scores_before).abs().max() > 1e-4  # not the stale cache
 
 

@@ -20,6 +20,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default 
 
 import torch  # noqa: E402
 
+from soft_prompt.config import HATE_TEMPLATE  # noqa: E402
 from soft_prompt.inference import generation_options, generate_texts  # noqa: E402
 from soft_prompt.model import SoftPromptModel  # noqa: E402
 from soft_prompt.scoring import label_sequences  # noqa: E402
@@ -29,7 +30,6 @@ from tests.conftest import load  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEMPLATE = "Sentence : {text} Label : {label_text}"
 LABELS = ["hate speech", "no hate speech"]
 # Three prompts of different lengths and the frozen model alone, mixed in one batch.
 PROMPTS = {"short": 3, "mid": 5, "long": 8}
@@ -48,9 +48,9 @@ def prompted(llama_dir, tmp_path_factory) -> SoftPromptModel:
     """The tiny Llama with the three prompts, each saved as a checkpoint (`checkpoints` below)."""
     base, tokenizer = load(llama_dir)
     model = SoftPromptModel(base, PROMPTS["short"], tokenizer=tokenizer, seed=1, name="short",
-                            metadata={"template": TEMPLATE, "label_words": LABELS})
+                            metadata={"template": HATE_TEMPLATE, "label_words": LABELS})
     for seed, (name, length) in enumerate(list(PROMPTS.items())[1:], 2):
-        model.add_prompt(name, length, seed=seed, metadata={"template": TEMPLATE, "label_words": LABELS})
+        model.add_prompt(name, length, seed=seed, metadata={"template": HATE_TEMPLATE, "label_words": LABELS})
     with torch.no_grad():  # random prompts as large as the model's token embeddings, so they steer it
         for prompt in model.prompts.values():
             prompt.weight.mul_(base.get_input_embeddings().weight.std() / prompt.weight.std())
@@ -96,7 +96,7 @@ def test_greedy_tokens_equal_the_torch_engine(prompted, engine, repetition_penal
 
 def test_label_scores_equal_the_torch_engine(prompted, engine):
     rows = texts(4)
-    sequences = label_sequences(rows, LABELS, TEMPLATE, prompted.tokenizer)
+    sequences = label_sequences(rows, LABELS, HATE_TEMPLATE, prompted.tokenizer)
     names = [name for name in ["long", None, "short", "mid"] for _ in LABELS]
     ours = prompted.completion_log_probs(sequences, prompt_names=names)
     served = engine.completion_log_probs(sequences, prompt_names=names)

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 import train
 from soft_prompt import training
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.tiny import save_tiny_model
 
-HATE = "Sentence : {text} Label : {label_text}"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def models(tmp_path_factory) -> dict[str, str]:
 def args(model: str, data: str, output_dir, *extra: str) -> list[str]:
     # 30 train rows in batches of 4 (rows of different lengths: right padding), 2 per step.
     return [
-        "--model", model, "--data", data, "--template", HATE, "--output-dir", str(output_dir), "--batch-size", "4",
+        "--model", model, "--data", data, "--template", HATE_TEMPLATE, "--output-dir", str(output_dir), "--batch-size", "4",
         "--grad-accum", "2", "--val-fraction", "0.25", "--seed", "1", "--eval-every", "5", "--save-every", "2", *extra,
     ]  # fmt: skip
 

@@ -13,11 +13,10 @@ from safetensors.torch import load_file
 
 import train
 from soft_prompt import SoftPromptModel
-from soft_prompt.config import TASKS, TrainConfig, build_parser, config_fields, parse_args, resolve_automatic, resolve_config
+from soft_prompt.config import HATE_TEMPLATE, TASKS, TrainConfig, build_parser, config_fields, parse_args, resolve_automatic, resolve_config
 from soft_prompt.tiny import save_tiny_model
 from soft_prompt.training import lr_at
 
-HATE = "Sentence : {text} Label : {label_text}"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +28,7 @@ def gpt2_dir(tmp_path_factory) -> str:
 def args(model: str, data: str, output_dir, *extra: str) -> list[str]:
     # 30 train rows in batches of 4, 2 per step: 4 steps an epoch, 8 in all.
     return [
-        "--model", model, "--data", data, "--template", HATE, "--output-dir", str(output_dir),
+        "--model", model, "--data", data, "--template", HATE_TEMPLATE, "--output-dir", str(output_dir),
         "--batch-size", "4", "--grad-accum", "2", "--epochs", "2", "--val-fraction", "0.25",
         "--seed", "1", "--save-every", "2", "--eval-every", "3", "--warmup-steps", "2", *extra,
     ]  # fmt: skip
@@ -137,7 +136,7 @@ def test_micro_batches_and_accumulation_give_the_gradient_of_the_whole_batch(blo
     def run(name: str, *extra: str) -> tuple[torch.Tensor, list[float], int]:
         calls.clear()
         output_dir = tmp_path / name
-        arguments = ["--model", bloom_dir, "--data", demo_rows_file, "--template", HATE, "--output-dir", str(output_dir),
+        arguments = ["--model", bloom_dir, "--data", demo_rows_file, "--template", HATE_TEMPLATE, "--output-dir", str(output_dir),
                      "--num-virtual-tokens", "4", "--epochs", "1", "--seed", "3", "--save-every", "0",
                      "--no-group-by-length", "--no-shared-prefix", "--precision", "fp32", *extra]
         assert train.main(arguments) == 0
@@ -223,7 +222,7 @@ def test_demo_task_runs_offline(tmp_path):
         __import__("transformers").AutoModelForCausalLM.from_pretrained(tmp_path / "demo-model"), tmp_path / "last"
     )
     assert model.metadata["label_words"] == ["hate speech", "no hate speech"]
-    assert model.metadata["template"] == HATE
+    assert model.metadata["template"] == HATE_TEMPLATE
 
 
 @pytest.mark.parametrize("scheduler, hf_name", [("linear", "linear"), ("cosine", "cosine"), ("constant", "constant_with_warmup")])
@@ -245,10 +244,10 @@ def test_every_field_has_its_flag_and_presets_yield_to_flags():
     assert flags == set(config_fields(TrainConfig()))
     config = resolve_config(parse_args(["--task", "hate", "--lr", "0.1", "--label-words", "no", "yes"]))
     assert (config.data.data, config.data.template, config.prompt.init) == (
-        "SetFit/ethos_binary", HATE, "text"
+        "SetFit/ethos_binary", HATE_TEMPLATE, "text"
     )
     assert (config.optim.lr, config.data.label_words, config.optim.batch_size) == (0.1, ["no", "yes"], 8)
-    defaults = resolve_config(parse_args(["--data", "d.jsonl", "--template", HATE]))
+    defaults = resolve_config(parse_args(["--data", "d.jsonl", "--template", HATE_TEMPLATE]))
     assert (defaults.model.model, defaults.optim.lr, defaults.prompt.num_virtual_tokens) == ("bigscience/bloomz-560m", 3e-2, 20)
     assert (defaults.data.group_by_length, defaults.optim.max_batch_tokens, defaults.model.model_dtype) == (True, "auto", "auto")
     assert TASKS["hate"]["label_words"] == ["hate speech", "no hate speech"]
@@ -267,7 +266,7 @@ def test_every_field_has_its_flag_and_presets_yield_to_flags():
     ],
 )
 def test_automatic_fields_resolve_from_the_device_and_precision(flags, device, native_bf16, expected, automatic):
-    config = resolve_config(parse_args(["--data", "d.jsonl", "--template", HATE, *flags]))
+    config = resolve_config(parse_args(["--data", "d.jsonl", "--template", HATE_TEMPLATE, *flags]))
     assert resolve_automatic(config, device, native_bf16) == automatic
     assert (config.optim.max_batch_tokens, config.model.model_dtype, config.model.precision) == expected
 
@@ -282,7 +281,7 @@ def test_group_by_length_can_be_turned_off_and_batch_tokens_must_be_auto_or_a_nu
         "train.py: error: argument --max-batch-tokens: give auto or a whole number, not 'lots'"
     ]
     with pytest.raises(ValueError, match="--max-batch-tokens must not be negative, got -1"):
-        resolve_config(parse_args(["--data", "d.jsonl", "--template", HATE, "--max-batch-tokens", "-1"]))
+        resolve_config(parse_args(["--data", "d.jsonl", "--template", HATE_TEMPLATE, "--max-batch-tokens", "-1"]))
 
 
 @pytest.mark.parametrize("preset", [None, "7"])

@@ -10,11 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from soft_prompt import SoftPromptModel
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.runtime import native_bf16
 from soft_prompt.tiny import demo_rows, save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-HATE = "Sentence : {text} Label : {label_text}"
 
 
 def run_cli(*argv: str) -> subprocess.CompletedProcess:
@@ -29,7 +29,7 @@ def test_cli_trains_and_writes_the_run_folder(tmp_path):
     data.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(48)))
     run = tmp_path / "run"
     result = run_cli(
-        "--model", model_dir, "--data", str(data), "--template", HATE, "--loss-on", "completion",
+        "--model", model_dir, "--data", str(data), "--template", HATE_TEMPLATE, "--loss-on", "completion",
         "--init", "text", "--init-text", "hate speech or not", "--num-virtual-tokens", "8",
         "--val-fraction", "0.25", "--epochs", "3", "--batch-size", "4", "--output-dir", str(run),
     )  # fmt: skip
@@ -63,7 +63,7 @@ def test_cli_trains_and_writes_the_run_folder(tmp_path):
 
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     best = SoftPromptModel.from_pretrained(base, run / "best")
-    assert best.metadata["template"] == HATE
+    assert best.metadata["template"] == HATE_TEMPLATE
     assert best.metadata["label_words"] == ["hate speech", "no hate speech"]
     first_best = max(eval_lines, key=lambda line: line["macro_f1"])  # max keeps the first of equals, as best/ does
     assert (best.metadata["step"], best.metadata["macro_f1"]) == (first_best["step"], first_best["macro_f1"])

@@ -75,6 +75,20 @@ def test_bench_train_finds_the_largest_batch_up_to_the_limit(tmp_path):
         assert found["largest"] == 8 and found["reached_limit"]
 
 
+def test_bench_step_times_both_paths_on_the_same_batches(tmp_path):
+    V = 4
+    run("bench_step.py", tmp_path, "--rows", "24", "--num-virtual-tokens", str(V), "--repeats", "1", "--precision", "fp32")
+    results = json.loads((tmp_path / "step-tiny-bloom-fp32.json").read_text())["results"]
+    assert results[0]["batch"] == "prompt pass alone" and results[0]["positions"] == V and results[0]["shared_ms"] > 0
+    batches = results[1:]
+    assert len(batches) == 5 and [line["length"] for line in batches] == sorted(line["length"] for line in batches)
+    for line in batches:  # the prompt once (V + B x T) against in every row (B x (V + T)), on the same batch
+        rows, length = line["rows"], line["length"]
+        assert (line["shared_positions"], line["plain_positions"]) == (V + rows * length, rows * (V + length))
+        assert line["shared_tflop"] < line["plain_tflop"] and line["shared_ms"] > 0 and line["plain_ms"] > 0
+    assert "| prompt pass alone | 1 x 4 |" in (tmp_path / "step-tiny-bloom-fp32.md").read_text()
+
+
 def test_bench_infer_generation_agrees_with_peft_uncached(tmp_path):
     run("bench_infer.py", tmp_path, "--rows", "8", "--max-new-tokens", "4", "--num-virtual-tokens", "4")
     report = json.loads((tmp_path / "infer-tiny-llama.json").read_text())

@@ -127,9 +127,21 @@ def grid(name: str, seeds: list[int]) -> list[Cell]:
 # -- one cell -------------------------------------------------------------------------------------
 
 
+class CellInterrupted(Exception):
+    """A signal stopped a cell's training; its run folder keeps last/, from which the next sweep continues."""
+
+    def __init__(self, cell: str, signal: int) -> None:
+        super().__init__(f"cell {cell} was stopped by signal {signal}")
+        self.signal = signal
+
+
 def cell_config(cell: Cell, options: argparse.Namespace, train_file: Path, labels: list[str]):
-    """The cell's resolved TrainConfig: the sweep's data, template and labels, the cell's settings."""
+    """The cell's resolved TrainConfig: the sweep's data, template and labels, the cell's settings;
+    a cell whose training was stopped (its run folder holds last/, or an ensemble's prompt-0/)
+    resumes from where it stopped."""
     settings = dict(cell.settings)
+    run_dir = Path(options.output_dir) / "runs" / cell.name
+    stopped = (run_dir / "last").is_dir() or (run_dir / "prompt-0").is_dir()
     uses_text = settings.get("init") in ("text", "labels") or (settings.get("task") == "classify" and "init" not in settings)
     overrides = {
         "model": options.model,
@@ -142,7 +154,8 @@ def cell_config(cell: Cell, options: argparse.Namespace, train_file: Path, label
         "batch_size": options.batch_size,
         "max_length": options.max_length,
         "device": options.device,
-        "output_dir": str(Path(options.output_dir) / "runs" / cell.name),
+        "output_dir": str(run_dir),
+        "resume": str(run_dir) if stopped else None,
         "save_every": 0,
         "probe": options.probe or [],
         **settings,
@@ -156,6 +169,8 @@ def run_cell(cell: Cell, options: argparse.Namespace, train_file: Path, labels: 
     config = cell_config(cell, options, train_file, labels)
     started = time.perf_counter()
     summary = train(config)
+    if summary["interrupted"]:
+        raise CellInterrupted(cell.name, summary["signal"])
     seconds = time.perf_counter() - started
     run_dir = Path(config.run.output_dir)
     train_rows, val_rows = load_data_rows(config)  # the rows train() held out: the same seeded split
@@ -576,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"sweep.py: error: {error}", file=sys.stderr)
         return 2
+    except CellInterrupted as stop:
+        print(f"sweep.py: {stop}: the same command continues it from its last/", file=sys.stderr)
+        return 128 + stop.signal  # as train.py and a shell report a process a signal stopped
     print(f"wrote {Path(options.output_dir) / 'sweep.md'}, sweep.json and the plots")
     return 0
 

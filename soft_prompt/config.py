@@ -235,10 +235,11 @@ TASKS: dict[str, dict] = {
     },
     # Any labelled data: the user gives --data, --template and --label-words. It holds out its own
     # stratified validation rows, picks best/ and fits the calibration on them (docs/training.md).
+    # Its init is the --init-text where one is given, else the label words (`resolve_config`).
     "classify": {
         "loss_on": "completion",
         "val_fraction": 0.2,
-        "init": "labels",
+        "init": "text",
         "epochs": 8,
         "patience": 3,
         "label_score": "mean",
@@ -269,6 +270,8 @@ def resolve_config(overrides: dict) -> TrainConfig:
             raise ValueError(f"unknown configuration field {name!r}")
         section, leaf = leaves[name]
         setattr(section, leaf, value)
+    if task == "classify" and "init" not in overrides and not config.prompt.init_text:
+        config.prompt.init = "labels"  # no text to start from: the label words, the rest sampled vocabulary
     validate(config)
     return config
 

@@ -216,6 +216,15 @@ def test_ensemble_mean_and_vote_through_infer_equal_a_hand_computation(model_dir
     assert "tuned, uncalibrated" in json.loads((tmp_path / "m.json").read_text())
 
 
+def test_task_classify_starts_from_the_init_text_where_one_is_given_else_from_the_label_words():
+    given = {"task": "classify", "data": "rows.jsonl", "template": HATE_TEMPLATE, "label_words": ["a", "b"]}
+    assert resolve_config(given).prompt.init == "labels"
+    assert resolve_config({**given, "init_text": "Is it hate speech?"}).prompt.init == "text"
+    assert resolve_config({**given, "init": "random"}).prompt.init == "random"  # a flag wins over the preset
+    with pytest.raises(ValueError, match="--init text needs --init-text"):
+        resolve_config({**given, "init": "text"})
+
+
 def test_task_classify_with_three_label_words_end_to_end(model_dir, tmp_path):
     coloured = [{"text": row["text"], "label_text": COLOURS[i % 3]} for i, row in enumerate(demo_rows(45))]
     data = write_rows(tmp_path / "rows.jsonl", coloured)

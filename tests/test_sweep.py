@@ -141,6 +141,25 @@ def test_quick_sweep_chooses_on_validation_scores_test_once_and_resumes(tiny, tm
     assert (kept.read_text(), kept.stat().st_mtime_ns) == kept_before and redone.is_file()
 
 
+def test_a_stopped_cell_ends_the_sweep_and_the_next_sweep_resumes_it(tiny, tmp_path, monkeypatch, capsys):
+    model, data = tiny
+    argv = ["--model", model, "--data", str(data), "--output-dir", str(tmp_path), "--quick", "--device", "cpu", "--seeds", "42"]
+    first, second = sweep.grid("quick", [42])
+
+    def stopped_by_sigterm(config):  # what train() returns when SIGTERM stops it: last/ saved, then the summary
+        (Path(config.run.output_dir) / "last").mkdir(parents=True)
+        return {"interrupted": True, "signal": 15}
+
+    monkeypatch.setattr(sweep, "train", stopped_by_sigterm)
+    assert sweep.main(argv) == 128 + 15
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"sweep.py: cell {first.name} was stopped by signal 15: the same command continues it from its last/")
+    assert not list((tmp_path / "cells").iterdir())  # no result for the stopped cell, and no later cell ran
+    options = sweep.parse_args(argv)
+    resumes = [sweep.cell_config(cell, options, tmp_path / "train_rows.jsonl", ["a", "b"]).run.resume for cell in (first, second)]
+    assert resumes == [str(tmp_path / "runs" / first.name), None]
+
+
 def test_bad_input_is_one_line(tiny, tmp_path):
     model, data = tiny
     for extra, message in (

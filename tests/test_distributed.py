@@ -20,8 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import train
 from soft_prompt import SoftPromptModel
 from soft_prompt.checkpoint import load_checkpoint
+from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.tiny import demo_rows, save_tiny_model
-from tests.test_train import HATE, losses, prompt
+from tests.test_train import losses, prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 INIT_TEXT = "hate speech or not"
@@ -41,7 +42,7 @@ def args(model_dir: str, data: str, output_dir, *extra: str) -> list[str]:
     # 29 train rows in batches of 4, 2 batches a step: the last batch has 1 row, so rank 1 has none
     # of it; micro-batches of at most 40 tokens, so the ranks cut their shares into different counts.
     return [
-        "--model", model_dir, "--data", data, "--template", HATE, "--output-dir", str(output_dir),
+        "--model", model_dir, "--data", data, "--template", HATE_TEMPLATE, "--output-dir", str(output_dir),
         "--batch-size", "4", "--grad-accum", "2", "--epochs", "2", "--val-fraction", "0.25", "--seed", "1",
         "--save-every", "2", "--eval-every", "3", "--warmup-steps", "2", "--group-by-length",
         "--max-batch-tokens", "40", "--num-virtual-tokens", "4", "--init", "text", "--init-text", INIT_TEXT,

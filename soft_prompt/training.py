@@ -811,7 +811,7 @@ def loop(run: Run) -> dict:
         "peak_memory_mib": peak_memory_mib(run.device),
         "interrupted": interrupted,
         "signal": stop_signal if interrupted else None,  # the one that stopped it: SIGINT or SIGTERM
-        "stopped_early": patience_spent(run),
+        "stopped_early": patience_spent(run) and state.step < run.total_steps,  # not when patience ran out at the end
         "output_dir": str(run.output_dir),
     }
 

@@ -87,7 +87,7 @@ def test_val_fraction_is_stratified_by_label(tmp_path):
 
 
 @pytest.mark.parametrize("metric", ["macro_f1", "eval_loss"])
-def test_best_follows_the_metric_and_patience_stops(metric, model_dir, rows, tmp_path, monkeypatch):
+def test_best_follows_the_metric_and_patience_stops(metric, model_dir, rows, tmp_path, monkeypatch, capsys):
     scripted = iter([0.5, 0.7, 0.6, 0.7] + [0.9] * 4)  # macro_f1 of evaluations 1, 2, ...: best at step 2
     monkeypatch.setattr("soft_prompt.training.validation_label_metrics",
                         lambda run: {"accuracy": 0.0, "macro_f1": next(scripted)})
@@ -96,6 +96,7 @@ def test_best_follows_the_metric_and_patience_stops(metric, model_dir, rows, tmp
     lines = eval_lines(tmp_path)
     if metric == "macro_f1":
         assert [line["step"] for line in lines] == [1, 2, 3, 4]  # 0.6 and 0.7 do not beat 0.7: stop after step 4
+        assert "done: 4 steps (stopped early: --patience)," in capsys.readouterr().out  # of 8
         assert metadata(tmp_path / "best")["step"] == 2 and metadata(tmp_path / "last")["step"] == 4
         state = json.loads((tmp_path / "last" / "training_state.json").read_text())
         assert (state["best_score"], state["evals_without_improvement"]) == (0.7, 2)
@@ -106,6 +107,14 @@ def test_best_follows_the_metric_and_patience_stops(metric, model_dir, rows, tmp
         best = min(lines, key=lambda line: line["eval_loss"])
         assert metadata(tmp_path / "best")["step"] == best["step"]
         assert metadata(tmp_path / "best")["macro_f1"] == best["macro_f1"]
+
+
+def test_patience_spent_at_the_last_step_is_not_a_stop(model_dir, rows, tmp_path, monkeypatch, capsys):
+    scripted = iter([0.5, 0.7, 0.6, 0.7])  # the 2nd evaluation without a better score is the 4th, at the last step
+    monkeypatch.setattr("soft_prompt.training.validation_label_metrics",
+                        lambda run: {"accuracy": 0.0, "macro_f1": next(scripted)})
+    assert train.main(flags(model_dir, rows, tmp_path, "--eval-every", "1", "--patience", "2")) == 0
+    assert "done: 4 steps, train loss" in capsys.readouterr().out
 
 
 def test_content_free_calibration_is_stored_and_applied_by_infer(model_dir, rows, tmp_path):

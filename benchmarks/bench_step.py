@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from bench_train import load_rows
 from soft_prompt.config import HATE_INIT_TEXT
@@ -32,7 +31,7 @@ from soft_prompt.files import portable_path
 from soft_prompt.masks import IGNORE_INDEX
 from soft_prompt.model import SoftPromptModel
 from soft_prompt.runtime import DTYPES, load_base_model, set_attention
-from soft_prompt.shared_prefix import batch_cost, shared_prefix_loss
+from soft_prompt.shared_prefix import batch_cost, prompt_pass, shared_prefix_loss
 from soft_prompt.tiny import save_tiny_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -48,15 +47,10 @@ def fastest_seconds(step, repeats: int) -> float:
     return min(times)
 
 
-def prompt_pass(model: SoftPromptModel) -> None:
-    """The decoder on the prompt alone, `[1, V]`, forward and backward into the prompt through the
-    output and every layer's cached keys and values (the gradient the text rows would send)."""
-    cache = DynamicCache()
-    embeds = model.prompt(1).to(model.base_model.get_input_embeddings().weight.dtype)  # [1, V, D], as the shared path
-    inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones(1, model.num_virtual_tokens, dtype=torch.long)}
-    if model.takes_position_ids:
-        inputs["position_ids"] = torch.arange(model.num_virtual_tokens)[None]
-    hidden = model.base_model.get_decoder()(**inputs, use_cache=True, **{model.cache_argument: cache}).last_hidden_state
+def prompt_pass_step(model: SoftPromptModel) -> None:
+    """`prompt_pass`, forward and backward into the prompt through the output and every layer's
+    cached keys and values (the gradient the text rows would send)."""
+    hidden, cache = prompt_pass(model, model.base_model.get_input_embeddings().weight.dtype)  # as the shared path
     total = hidden.float().sum() + sum(layer.keys.float().sum() + layer.values.float().sum() for layer in cache.layers)
     total.backward()
 
@@ -96,13 +90,13 @@ def main() -> None:
 
     def prompt_step():
         with autocast():
-            prompt_pass(model)
+            prompt_pass_step(model)
 
     V = args.num_virtual_tokens
     cost = batch_cost(base, V, 0, 0, 0, shared=True)
     seconds = fastest_seconds(prompt_step, args.repeats)
-    results = [{"batch": "prompt pass alone", "rows": 1, "length": V, "positions": cost.positions, "tflop": cost.flops / 1e12,
-                "shared_ms": 1000 * seconds, "shared_tflops": cost.flops / 1e12 / seconds}]
+    results = [{"batch": "prompt pass alone", "rows": 1, "length": V, "shared_positions": cost.positions,
+                "shared_tflop": cost.flops / 1e12, "shared_ms": 1000 * seconds, "shared_tflops": cost.flops / 1e12 / seconds}]
     for start in starts:
         batch = collate(examples[start : start + args.batch_size], tokenizer.pad_token_id)
         rows_in, length = batch["input_ids"].shape
@@ -127,8 +121,7 @@ def main() -> None:
     for line in results:
         plain = (f"{line['plain_ms']:.0f} | {line['plain_positions']} | {line['plain_tflops']:.3f} | "
                  f"{line['shared_ms'] / line['plain_ms']:.2f}") if "plain_ms" in line else "- | - | - | -"
-        positions = line.get("shared_positions", line.get("positions"))
-        lines.append(f"| {line['batch']} | {line['rows']} x {line['length']} | {line['shared_ms']:.0f} | {positions} | "
+        lines.append(f"| {line['batch']} | {line['rows']} x {line['length']} | {line['shared_ms']:.0f} | {line['shared_positions']} | "
                      f"{line['shared_tflops']:.3f} | {plain} |")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,20 @@ def has_active_dropout(module: nn.Module) -> bool:
     return False
 
 
+def prompt_pass(model: SoftPromptModel, dtype: torch.dtype) -> tuple[torch.Tensor, DynamicCache]:
+    """The decoder on the active prompt alone, with gradients: batch 1, positions 0..V-1, the prompt
+    in `dtype`. Returns its last hidden states `[1, V, D]` and a fresh cache holding every layer's
+    keys and values (nothing outlives the call)."""
+    num_virtual = model.num_virtual_tokens
+    embeds = model.prompt(1).to(dtype)  # [1, V, D], a view of the fp32 weight
+    inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones(1, num_virtual, dtype=torch.long, device=embeds.device)}
+    if model.takes_position_ids:
+        inputs["position_ids"] = torch.arange(num_virtual, device=embeds.device)[None]  # [1, V]
+    cache = DynamicCache()
+    output = model.base_model.get_decoder()(**inputs, use_cache=True, **{model.cache_argument: cache})
+    return output.last_hidden_state, cache
+
+
 def shared_prefix_loss(
     model: SoftPromptModel,
     input_ids: torch.Tensor,
@@ -79,16 +93,7 @@ def shared_prefix_loss(
     text_embeds = base_model.get_input_embeddings()(input_ids)  # [B, T, D]
     num_virtual = model.num_virtual_tokens
 
-    # The prompt pass, batch 1, positions 0..V-1, into a fresh cache (nothing outlives this call).
-    prompt_inputs = {
-        "inputs_embeds": model.prompt(1).to(text_embeds.dtype),  # [1, V, D], a view of the fp32 weight
-        "attention_mask": attention_mask.new_ones(1, num_virtual),
-    }
-    if model.takes_position_ids:
-        prompt_inputs["position_ids"] = torch.arange(num_virtual, device=input_ids.device)[None]  # [1, V]
-    prompt_cache = DynamicCache()
-    prompt_output = decoder(**prompt_inputs, use_cache=True, **{model.cache_argument: prompt_cache})
-    prompt_hidden = prompt_output.last_hidden_state  # [1, V, D]
+    prompt_hidden, prompt_cache = prompt_pass(model, text_embeds.dtype)  # [1, V, D]
     # Every row's cache is a view of the one prompt's keys and values, [B, heads, V, d]; the text
     # pass concatenates its own after them (a new tensor, so the views are never written).
     shared = [

@@ -79,7 +79,7 @@ def test_bench_step_times_both_paths_on_the_same_batches(tmp_path):
     V = 4
     run("bench_step.py", tmp_path, "--rows", "24", "--num-virtual-tokens", str(V), "--repeats", "1", "--precision", "fp32")
     results = json.loads((tmp_path / "step-tiny-bloom-fp32.json").read_text())["results"]
-    assert results[0]["batch"] == "prompt pass alone" and results[0]["positions"] == V and results[0]["shared_ms"] > 0
+    assert results[0]["batch"] == "prompt pass alone" and results[0]["shared_positions"] == V and results[0]["shared_ms"] > 0
     batches = results[1:]
     assert len(batches) == 5 and [line["length"] for line in batches] == sorted(line["length"] for line in batches)
     for line in batches:  # the prompt once (V + B x T) against in every row (B x (V + T)), on the same batch

@@ -97,6 +97,7 @@ LEVERS = {  # each alone on the old recipe
     "old+init-labels": {"init": "labels"},
     "old+reparam": {"reparam": "residual"},
     "old+ensemble3": {"ensemble": 3},
+    "old+v100": {"num_virtual_tokens": 100},  # Lester et al.'s default length; the init text padded with pad tokens
 }
 REFERENCE = setting_cell("text", 20, 3e-2, "completion")  # the hate recipe with the loss on the label
 INITS = ("random", "uniform", "text", "vocab")

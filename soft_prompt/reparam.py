@@ -4,7 +4,10 @@ Tuning"): the prompt the model sees is
     P' = P + LayerNorm(MLP(P)),   MLP = Linear(D, H) -> ReLU -> Linear(H, D)
 
 with one MLP shared by the V virtual tokens (the block order of the authors' `ResMLP`, shared,
-with layer norm and without dropout). Training updates P and the MLP; afterwards only P' `[V, D]`
+with layer norm and without dropout). The layer norm's gain starts at zero, so P' starts equal to
+the initialised P: with the default gain of 1 the residual has norm sqrt(D) per token (24 for
+SmolLM2's D = 576), which swamps embeddings of norm about 3 and with them a text init. T5, the
+authors' model, has embeddings large enough that the gain of 1 did not matter there. Training updates P and the MLP; afterwards only P' `[V, D]`
 is kept, so a checkpoint is an ordinary prompt that infer.py, analyze.py and PEFT load unchanged.
 
 The reparameterization is a torch parametrization of the prompt's `weight`: `prompt.weight` *is*
@@ -41,6 +44,7 @@ class ResidualReparam(nn.Module):
                 torch.manual_seed(seed)
             self.mlp = nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(), nn.Linear(hidden, embed_dim))
             self.norm = nn.LayerNorm(embed_dim)
+        nn.init.zeros_(self.norm.weight)  # P' = P at the start; the gain grows from the first step
 
     def forward(self, prompt: torch.Tensor) -> torch.Tensor:
         with torch.autocast(prompt.device.type, enabled=False):

@@ -46,6 +46,7 @@ def test_the_saved_prompt_is_p_plus_layernorm_mlp_and_peft_loads_it(bloom_dir, t
     initial = wrapper.prompt.parametrizations.weight.original.detach().clone()
     plain = SoftPromptModel(load(bloom_dir)[0], num_virtual_tokens=V, init="text", init_text="the cat", tokenizer=wrapper.tokenizer)
     assert torch.equal(initial, plain.prompt.weight)  # P starts as the init made it
+    assert torch.equal(wrapper.prompt.weight, initial)  # and so does P', the layer norm's gain starting at zero
     with torch.no_grad():  # a non-trivial layer norm, so that its gain and bias are checked too
         reparam_of(wrapper.prompt).norm.weight.uniform_(0.5, 1.5)
         reparam_of(wrapper.prompt).norm.bias.normal_()
@@ -71,9 +72,11 @@ def test_training_moves_p_and_the_mlp_and_scoring_sees_each_step(bloom_dir):
     assert len(parameters) == 7 and all(param.requires_grad for param in parameters)  # P, 2 x Linear, LayerNorm
     before = [param.detach().clone() for param in parameters]
     _, scores_before = wrapper.classify(TEXTS, ["no", "yes"], template=HATE_TEMPLATE)  # caches the prompt's keys and values
-    optimizer = torch.optim.AdamW(parameters, lr=1e-2)
-    wrapper.loss(**batch(wrapper.tokenizer)).backward()
-    optimizer.step()
+    optimizer = torch.optim.AdamW(parameters, lr=1e-2, weight_decay=0.0)
+    for step in range(2):  # the first step moves the layer norm's gain off zero, the second the MLP too
+        optimizer.zero_grad()
+        wrapper.loss(**batch(wrapper.tokenizer)).backward()
+        optimizer.step()
     assert all(not torch.equal(param, old) for param, old in zip(parameters, before))
     _, scores_after = wrapper.classify(TEXTS, ["no", "yes"], template=HATE_TEMPLATE)
     fresh = SoftPromptModel(load(bloom_dir)[0], num_virtual_tokens=V, seed=0, tokenizer=wrapper.tokenizer)

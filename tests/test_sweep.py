@@ -30,9 +30,9 @@ def test_grids():
     assert [cell.name for cell in sweep.grid("quick", [7])] == ["old-v4-seed7", "classify-v4-seed7"]
 
     classify = sweep.grid("classify", [1, 2, 3])
-    assert len(classify) == 18 and [cell.seed for cell in classify[:6]] == [1] * 6
+    assert len(classify) == 21 and [cell.seed for cell in classify[:7]] == [1] * 7
     recipes = {cell.recipe: dict(cell.settings) for cell in classify}
-    assert list(recipes) == ["old", "old+selection", "old+init-labels", "old+reparam", "old+ensemble3", "classify"]
+    assert list(recipes) == ["old", "old+selection", "old+init-labels", "old+reparam", "old+ensemble3", "old+v100", "classify"]
     assert recipes["classify"] == {"task": "classify"}  # the preset itself, as train.py --task classify runs it
     for recipe, settings in recipes.items():  # each lever alone on the old recipe
         if recipe.startswith("old+"):

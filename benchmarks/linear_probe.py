@@ -1,0 +1,176 @@
+"""An anchor for the classifier: a linear probe on the frozen model's hidden states, no prompt.
+
+Each row's text before its label ("Sentence : ... Label :") runs through the frozen model once;
+its features are a layer's hidden state at the last token or averaged over the tokens. For each
+seed, on the same stratified split `train.py --task classify` holds out, an L2-regularised logistic
+regression is fitted on the training part for every (layer, pooling, regularisation), the one with
+the best validation macro-F1 is chosen, and only that one scores the test rows, once:
+
+    python benchmarks/linear_probe.py --model $MODEL --data ../shared/data/ethos_binary_train.jsonl \
+        --test-data ../shared/data/ethos_binary_test.jsonl --output-dir runs/linear-probe
+
+It tells what a classifier reading the frozen model's own states reaches: where prompt tuning
+lands near it, the model, not the prompt's training, is what limits the classifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from soft_prompt.config import HATE_TEMPLATE, OneLineParser, resolve_config  # noqa: E402
+from soft_prompt.data import load_rows  # noqa: E402
+from soft_prompt.evaluation import label_metrics  # noqa: E402
+from soft_prompt.files import json_bytes, portable_path, write_atomic  # noqa: E402
+from soft_prompt.runtime import load_base_model  # noqa: E402
+from soft_prompt.templates import label_words_of, split_template, template_fields  # noqa: E402
+from soft_prompt.training import load_data_rows  # noqa: E402
+
+POOLINGS = ("last", "mean")
+L2_PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # on the mean cross-entropy, features standardised
+
+
+@torch.no_grad()
+def hidden_features(model, tokenizer, texts: list[str], batch_size: int) -> dict[str, torch.Tensor]:
+    """Per pooling, the hidden states `[N, layers + 1, D]` (fp32; layer 0 is the embeddings): at
+    each text's last token, and averaged over its tokens."""
+    pooled = {pooling: [] for pooling in POOLINGS}
+    for start in tqdm(range(0, len(texts), batch_size), desc="features", unit="batch"):
+        ids = [tokenizer(text)["input_ids"] for text in texts[start : start + batch_size]]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([row + [tokenizer.pad_token_id or 0] * (width - len(row)) for row in ids])  # [B, T]
+        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])  # right padding
+        states = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        states = torch.stack(states, dim=1).float()  # [B, layers + 1, T, D]
+        last = mask.sum(1) - 1
+        pooled["last"].append(states[torch.arange(len(ids)), :, last])  # [B, layers + 1, D]
+        weights = mask[:, None, :, None].float()
+        pooled["mean"].append((states * weights).sum(2) / weights.sum(2))
+    return {pooling: torch.cat(parts) for pooling, parts in pooled.items()}
+
+
+def fit_logistic(features: torch.Tensor, gold: torch.Tensor, num_labels: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights `[D, K]` and bias `[K]` minimising mean cross-entropy + l2 * |W|^2 (L-BFGS, fp64)."""
+    x = features.double()
+    weight = torch.zeros(x.shape[1], num_labels, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_labels, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, gold) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return weight.detach(), bias.detach()
+
+
+def standardised(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Features scaled by the training part's mean and spread, per coordinate."""
+    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
+    return [(part - mean) / std for part in (train, *others)]
+
+
+def probe_seed(features: dict[str, torch.Tensor], index: dict[str, int], parts: dict[str, list[dict]],
+               template: str, labels: list[str], test_rows: list[dict] | None) -> dict:
+    """Every setting fitted on the seed's training part and scored on its validation rows; the
+    best by validation macro-F1 (then accuracy), and it alone on the test rows."""
+    last = template_fields(template)[-1]
+    rows_of = {name: [index[split_template(template, row)[0]] for row in rows] for name, rows in parts.items()}
+    gold_of = {name: torch.tensor([labels.index(str(row[last])) for row in rows]) for name, rows in parts.items()}
+    settings = []
+    layers = next(iter(features.values())).shape[1]
+    for pooling, layer, l2 in itertools.product(POOLINGS, range(layers), L2_PENALTIES):
+        train, val = standardised(*(features[pooling][rows_of[name], layer] for name in ("train", "val")))
+        weight, bias = fit_logistic(train, gold_of["train"], len(labels), l2)
+        predicted = [labels[i] for i in (val.double() @ weight + bias).argmax(1).tolist()]
+        figures = label_metrics([labels[i] for i in gold_of["val"].tolist()], predicted, labels)
+        settings.append({"pooling": pooling, "layer": layer, "l2": l2, "validation": figures})
+    chosen = max(settings, key=lambda s: (s["validation"]["macro_f1"], s["validation"]["accuracy"]))
+    result = {"chosen": chosen, "settings": settings}
+    if test_rows is not None:
+        test_index = [index[split_template(template, row)[0]] for row in test_rows]
+        train, test = standardised(*(features[chosen["pooling"]][rows, chosen["layer"]] for rows in (rows_of["train"], test_index)))
+        weight, bias = fit_logistic(train, gold_of["train"], len(labels), chosen["l2"])
+        predicted = [labels[i] for i in (test.double() @ weight + bias).argmax(1).tolist()]
+        result["test"] = label_metrics([str(row[last]) for row in test_rows], predicted, labels)
+    return result
+
+
+def mean_sd(values: list[float]) -> str:
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+
+
+def write_report(output_dir: Path, options: argparse.Namespace, argv: list[str], results: dict[int, dict]) -> None:
+    command = " ".join(["python benchmarks/linear_probe.py", *(str(portable_path(arg)) for arg in argv)])
+    lines = [f"# Linear probe on the frozen model ({portable_path(options.model)})", "", f"`{command}`", "",
+             f"Features: each layer's hidden state at the last token or the mean over the tokens of the text before the "
+             f"label; an L2-regularised logistic regression (penalties {', '.join(map(str, L2_PENALTIES))}) per setting, "
+             f"chosen by validation macro-F1 on the split of `train.py --task classify --val-fraction {options.val_fraction}` "
+             f"with each seed; the test rows scored once, with the chosen setting.", "",
+             "| seed | chosen (pooling, layer, l2) | validation accuracy | validation macro-F1 | test accuracy | test macro-F1 |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for seed, result in results.items():
+        chosen, test = result["chosen"], result.get("test", {})
+        lines.append(f"| {seed} | {chosen['pooling']}, {chosen['layer']}, {chosen['l2']:g} | {chosen['validation']['accuracy']:.3f} | "
+                     f"{chosen['validation']['macro_f1']:.3f} | {test.get('accuracy', float('nan')):.3f} | {test.get('macro_f1', float('nan')):.3f} |")
+    chosen = [result["chosen"]["validation"] for result in results.values()]
+    summary = f"| mean ± sd | | {mean_sd([c['accuracy'] for c in chosen])} | {mean_sd([c['macro_f1'] for c in chosen])} |"
+    tests = [result["test"] for result in results.values() if "test" in result]
+    summary += f" {mean_sd([t['accuracy'] for t in tests])} | {mean_sd([t['macro_f1'] for t in tests])} |" if tests else " | |"
+    lines.append(summary)
+    write_atomic(output_dir / "linear-probe.md", ("\n".join(lines) + "\n").encode())
+    write_atomic(output_dir / "linear-probe.json", json_bytes({"model": portable_path(options.model), "results": results}))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="hub name or local folder of the frozen causal LM")
+    parser.add_argument("--data", required=True, help="labelled training rows (.jsonl, ...), split as --task classify splits them")
+    parser.add_argument("--test-data", help="test rows, scored once per seed with the setting chosen on validation")
+    parser.add_argument("--template", default=HATE_TEMPLATE, help="the classifier's template; its last field holds the label")
+    parser.add_argument("--label-words", nargs="+", help="the labels (default: the last field's values)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one split and fit per seed")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share, as train.py's --val-fraction")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per forward pass of the frozen model")
+    parser.add_argument("--output-dir", required=True, help="where linear-probe.md and .json go")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    options = parse_args(argv)
+    train_rows_all = load_rows(options.data)
+    test_rows = load_rows(options.test_data) if options.test_data else None
+    labels = options.label_words or label_words_of(options.template, train_rows_all)
+    model, tokenizer = load_base_model(options.model, "fp32", "cpu")
+    model.eval()
+    texts = sorted({split_template(options.template, row)[0] for row in train_rows_all + (test_rows or [])})
+    index = {text: i for i, text in enumerate(texts)}
+    features = hidden_features(model, tokenizer, texts, options.batch_size)
+    results = {}
+    for seed in options.seeds:
+        config = resolve_config({"task": "classify", "model": options.model, "data": options.data, "template": options.template,
+                                 "label_words": labels, "val_fraction": options.val_fraction, "seed": seed})
+        train_rows, val_rows = load_data_rows(config)
+        results[seed] = probe_seed(features, index, {"train": train_rows, "val": val_rows}, options.template, labels, test_rows)
+        chosen = results[seed]["chosen"]
+        print(f"seed {seed}: {chosen['pooling']} layer {chosen['layer']} l2 {chosen['l2']:g}: validation macro-F1 "
+              f"{chosen['validation']['macro_f1']:.3f}" + (f", test accuracy {results[seed]['test']['accuracy']:.3f}" if test_rows else ""))
+    output_dir = Path(options.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_report(output_dir, options, argv, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,8 +43,10 @@ def hidden_features(model, tokenizer, texts: list[str], batch_size: int) -> dict
     """Per pooling, the hidden states `[N, layers + 1, D]` (fp32; layer 0 is the embeddings): at
     each text's last token, and averaged over its tokens."""
     pooled = {pooling: [] for pooling in POOLINGS}
+    all_ids = [tokenizer(text)["input_ids"] for text in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(all_ids[i]))  # batches of similar length: little padding
     for start in tqdm(range(0, len(texts), batch_size), desc="features", unit="batch"):
-        ids = [tokenizer(text)["input_ids"] for text in texts[start : start + batch_size]]
+        ids = [all_ids[i] for i in order[start : start + batch_size]]
         width = max(map(len, ids))
         input_ids = torch.tensor([row + [tokenizer.pad_token_id or 0] * (width - len(row)) for row in ids])  # [B, T]
         mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])  # right padding
@@ -54,7 +56,8 @@ def hidden_features(model, tokenizer, texts: list[str], batch_size: int) -> dict
         pooled["last"].append(states[torch.arange(len(ids)), :, last])  # [B, layers + 1, D]
         weights = mask[:, None, :, None].float()
         pooled["mean"].append((states * weights).sum(2) / weights.sum(2))
-    return {pooling: torch.cat(parts) for pooling, parts in pooled.items()}
+    inverse = torch.argsort(torch.tensor(order))
+    return {pooling: torch.cat(parts)[inverse] for pooling, parts in pooled.items()}
 
 
 def fit_logistic(features: torch.Tensor, gold: torch.Tensor, num_labels: int, l2: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,8 +20,8 @@ import linear_probe  # noqa: E402
 
 def test_features_are_each_texts_own_hidden_states(bloom_dir):
     model, tokenizer = load(bloom_dir)
-    texts = ["the cat", "those people are not welcome here at all"]  # padded in one batch of two
-    features = linear_probe.hidden_features(model, tokenizer, texts, batch_size=2)
+    texts = ["those people are not welcome here at all", "the cat", "a dog"]  # one padded batch, in length order
+    features = linear_probe.hidden_features(model, tokenizer, texts, batch_size=3)
     for i, text in enumerate(texts):
         with torch.no_grad():
             states = model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states

@@ -4,7 +4,8 @@ Each row's text before its label ("Sentence : ... Label :") runs through the fro
 its features are a layer's hidden state at the last token or averaged over the tokens. For each
 seed, on the same stratified split `train.py --task classify` holds out, an L2-regularised logistic
 regression is fitted on the training part for every (layer, pooling, regularisation), the one with
-the best validation macro-F1 is chosen, and only that one scores the test rows, once:
+the best validation macro-F1 is chosen, and only that one scores the test rows, once
+(`linear-probe.md`, `.json`, and `linear-probe.png`, validation macro-F1 by layer):
 
     python benchmarks/linear_probe.py --model $MODEL --data ../shared/data/ethos_binary_train.jsonl \
         --test-data ../shared/data/ethos_binary_test.jsonl --output-dir runs/linear-probe
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from soft_prompt.config import HATE_TEMPLATE, OneLineParser, resolve_config  # noqa: E402
 from soft_prompt.data import load_rows  # noqa: E402
 from soft_prompt.evaluation import label_metrics  # noqa: E402
-from soft_prompt.files import json_bytes, portable_path, write_atomic  # noqa: E402
+from soft_prompt.files import json_bytes, png_bytes, portable_path, write_atomic  # noqa: E402
 from soft_prompt.runtime import load_base_model  # noqa: E402
 from soft_prompt.templates import label_words_of, split_template, template_fields  # noqa: E402
 from soft_prompt.training import load_data_rows  # noqa: E402
@@ -135,6 +136,35 @@ def write_report(output_dir: Path, options: argparse.Namespace, argv: list[str],
     write_atomic(output_dir / "linear-probe.json", json_bytes({"model": portable_path(options.model), "results": results}))
 
 
+def write_plot(output_dir: Path, results: dict[int, dict]) -> None:
+    """linear-probe.png: validation macro-F1 by layer, at each layer's best penalty, per pooling
+    (mean and range over the seeds): where in the model the label is most linearly readable."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.5, 3.5))
+    for pooling in POOLINGS:
+        per_seed = []
+        for result in results.values():
+            best = {}
+            for setting in result["settings"]:
+                if setting["pooling"] == pooling:
+                    best[setting["layer"]] = max(best.get(setting["layer"], 0.0), setting["validation"]["macro_f1"])
+            per_seed.append([best[layer] for layer in sorted(best)])
+        curves = torch.tensor(per_seed)  # [seeds, layers + 1]
+        layers = range(curves.shape[1])
+        axes.plot(layers, curves.mean(0), label=f"{pooling} token" if pooling == "last" else "mean over tokens")
+        axes.fill_between(layers, curves.min(0).values, curves.max(0).values, alpha=0.2)
+    axes.set_xlabel("layer (0: the embeddings)")
+    axes.set_ylabel("validation macro-F1")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    write_atomic(output_dir / "linear-probe.png", png_bytes(figure, dpi=90))
+    plt.close(figure)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="hub name or local folder of the frozen causal LM")
@@ -172,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_report(output_dir, options, argv, results)
+    write_plot(output_dir, results)
     return 0
 
 

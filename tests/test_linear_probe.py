@@ -61,3 +61,4 @@ def test_chooses_on_validation_and_scores_the_test_rows_once(bloom_dir, tmp_path
     assert result["chosen"]["validation"]["count"] == len(load_data_rows(config)[1]) == 8  # train.py's own split
     assert result["test"]["count"] == 40
     assert "| 3 | " in (tmp_path / "out" / "linear-probe.md").read_text()
+    assert (tmp_path / "out" / "linear-probe.png").read_bytes().startswith(b"\x89PNG")

@@ -100,7 +100,9 @@ def probe_seed(features: dict[str, torch.Tensor], index: dict[str, int], parts: 
         figures = label_metrics([labels[i] for i in gold_of["val"].tolist()], predicted, labels)
         settings.append({"pooling": pooling, "layer": layer, "l2": l2, "validation": figures})
     chosen = max(settings, key=lambda s: (s["validation"]["macro_f1"], s["validation"]["accuracy"]))
-    result = {"chosen": chosen, "settings": settings}
+    # Every setting's two figures, the chosen one's in full (per-label F1, confusion matrix).
+    brief = [{**setting, "validation": {key: setting["validation"][key] for key in ("accuracy", "macro_f1")}} for setting in settings]
+    result = {"chosen": chosen, "settings": brief}
     if test_rows is not None:
         test_index = [index[split_template(template, row)[0]] for row in test_rows]
         train, test = standardised(*(features[chosen["pooling"]][rows, chosen["layer"]] for rows in (rows_of["train"], test_index)))

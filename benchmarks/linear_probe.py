@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from soft_prompt.config import HATE_TEMPLATE, OneLineParser, resolve_config  # noqa: E402
 from soft_prompt.data import load_rows  # noqa: E402
 from soft_prompt.evaluation import label_metrics  # noqa: E402
-from soft_prompt.files import json_bytes, png_bytes, portable_path, write_atomic  # noqa: E402
+from soft_prompt.files import check_output_folder, json_bytes, png_bytes, portable_path, write_atomic  # noqa: E402
 from soft_prompt.runtime import load_base_model  # noqa: E402
 from soft_prompt.templates import label_words_of, split_template, template_fields  # noqa: E402
 from soft_prompt.training import load_data_rows  # noqa: E402
@@ -177,16 +177,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one split and fit per seed")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="validation share, as train.py's --val-fraction")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per forward pass of the frozen model")
-    parser.add_argument("--output-dir", required=True, help="where linear-probe.md and .json go")
+    parser.add_argument("--output-dir", required=True, help="where linear-probe.md, .json and .png go")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    options = parse_args(argv)
+def probe(options: argparse.Namespace, argv: list[str]) -> None:
+    """Features, then every seed's choice and test figures, then the report."""
+    check_output_folder(options.output_dir, f"--output-dir {options.output_dir}")  # before minutes of features
     train_rows_all = load_rows(options.data)
     test_rows = load_rows(options.test_data) if options.test_data else None
     labels = options.label_words or label_words_of(options.template, train_rows_all)
+    if not labels:
+        raise ValueError(f"no label words: the last field of {options.template!r} has too many values; pass --label-words")
     model, tokenizer = load_base_model(options.model, "fp32", "cpu")
     model.eval()
     texts = sorted({split_template(options.template, row)[0] for row in train_rows_all + (test_rows or [])})
@@ -205,6 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     write_report(output_dir, options, argv, results)
     write_plot(output_dir, results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    options = parse_args(argv)
+    try:
+        probe(options, argv)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"linear_probe.py: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {Path(options.output_dir) / 'linear-probe.md'}, .json and .png")
     return 0
 
 

@@ -5,10 +5,11 @@ Tuning"): the prompt the model sees is
 
 with one MLP shared by the V virtual tokens (the block order of the authors' `ResMLP`, shared,
 with layer norm and without dropout). The layer norm's gain starts at zero, so P' starts equal to
-the initialised P: with the default gain of 1 the residual has norm sqrt(D) per token (24 for
-SmolLM2's D = 576), which swamps embeddings of norm about 3 and with them a text init. T5, the
-authors' model, has embeddings large enough that the gain of 1 did not matter there. Training updates P and the MLP; afterwards only P' `[V, D]`
-is kept, so a checkpoint is an ordinary prompt that infer.py, analyze.py and PEFT load unchanged.
+the initialised P: with the default gain of 1 the residual has norm sqrt(D) per token, far above
+the embeddings of small models, and swamps a text init (the authors' T5 has much larger
+embeddings; docs/training.md has what it cost). Training updates P and the MLP; afterwards only
+P' `[V, D]` is kept, so a checkpoint is an ordinary prompt that infer.py, analyze.py and PEFT load
+unchanged.
 
 The reparameterization is a torch parametrization of the prompt's `weight`: `prompt.weight` *is*
 P' wherever it is read (the forward, label scoring, `save_checkpoint(prompt.weight, ...)`), while

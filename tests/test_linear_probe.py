@@ -62,3 +62,11 @@ def test_chooses_on_validation_and_scores_the_test_rows_once(bloom_dir, tmp_path
     assert result["test"]["count"] == 40
     assert "| 3 | " in (tmp_path / "out" / "linear-probe.md").read_text()
     assert (tmp_path / "out" / "linear-probe.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bad_input_is_one_line_and_exit_code_2(bloom_dir, tmp_path, capsys):
+    missing = str(tmp_path / "missing.jsonl")
+    assert linear_probe.main(["--model", bloom_dir, "--data", missing, "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("linear_probe.py: error: ") and "missing.jsonl" in error and "\n" not in error
+    assert not (tmp_path / "out").exists()

@@ -73,7 +73,7 @@ def test_training_moves_p_and_the_mlp_and_scoring_sees_each_step(bloom_dir):
     before = [param.detach().clone() for param in parameters]
     _, scores_before = wrapper.classify(TEXTS, ["no", "yes"], template=HATE_TEMPLATE)  # caches the prompt's keys and values
     optimizer = torch.optim.AdamW(parameters, lr=1e-2, weight_decay=0.0)
-    for step in range(2):  # the first step moves the layer norm's gain off zero, the second the MLP too
+    for _ in range(2):  # the first step moves the layer norm's gain off zero, the second the MLP too
         optimizer.zero_grad()
         wrapper.loss(**batch(wrapper.tokenizer)).backward()
         optimizer.step()

@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import random
 import resource
 import signal
@@ -40,16 +39,7 @@ from tqdm.auto import tqdm
 
 from .calibrate_model import fitted_calibration, model_label_scores, reference_calibration
 from .calibration import FIT_METRICS, calibration_record
-from .checkpoint import (
-    CONFIG_NAME,
-    INITIAL_PROMPT_NAME,
-    METADATA_NAME,
-    WEIGHTS_NAME,
-    load_checkpoint,
-    save_checkpoint,
-    update_metadata,
-    write_directory_atomic,
-)
+from .checkpoint import load_checkpoint, save_checkpoint, update_metadata
 from .config import AUTO, TrainConfig, resolve_automatic
 from .data import (
     Example,
@@ -63,6 +53,7 @@ from .data import (
     tokenize_rows,
 )
 from .distributed import World, init_world, shard_frozen_model
+from .ensemble_training import train_ensemble
 from .evaluation import label_metrics, mean_eval_loss, prompt_drift
 from .files import WriteError, append_text, check_output_folder, json_bytes, png_bytes, write_atomic, writing
 from .masks import IGNORE_INDEX
@@ -816,59 +807,6 @@ def loop(run: Run) -> dict:
     }
 
 
-# -- ensembles ----------------------------------------------------------------------------------
-
-CHECKPOINT_FILES = (WEIGHTS_NAME, CONFIG_NAME, METADATA_NAME, INITIAL_PROMPT_NAME)  # what a prompt's checkpoint is
-
-
-def train_ensemble(config: TrainConfig) -> dict:
-    """`--ensemble K`: K runs one after another, `prompt-0/` ... `prompt-{K-1}/` in the run folder,
-    seeded `--seed` ... `--seed + K - 1` and all holding out the same validation rows (split by
-    `--val-seed`, default `--seed`); each keeps its own best/ and calibration. Then `best/` gathers
-    them: prompt 0's checkpoint (what PEFT and analyze.py load) with the others in subfolders,
-    listed in its soft_prompt.json as "ensemble", which infer.py loads and combines. `--resume`
-    the run folder continues each member from its own last/."""
-    started = time.perf_counter()
-    output_dir = Path(config.run.output_dir or config.run.resume or Path("runs") / (config.data.task or "custom"))
-    check_output_folder(output_dir, f"--output-dir {output_dir}")
-    if config.run.resume and not (Path(config.run.resume) / "prompt-0").is_dir():
-        raise ValueError(f"--resume {config.run.resume}: no prompt-0/ there: not an --ensemble run folder to continue")
-    members = []
-    for k in range(config.prompt.ensemble):
-        member = copy.deepcopy(config)
-        member_dir = output_dir / f"prompt-{k}"
-        member.prompt.ensemble = 1
-        member.run.seed = config.run.seed + k
-        member.data.val_seed = config.run.seed if config.data.val_seed is None else config.data.val_seed
-        member.run.output_dir = str(member_dir)
-        member.run.resume = str(member_dir) if config.run.resume and (member_dir / "last").is_dir() else None
-        print(f"ensemble: prompt {k + 1} of {config.prompt.ensemble}, seed {member.run.seed}", file=sys.stderr)
-        summary = train(member)
-        members.append(summary)
-        if summary["interrupted"]:
-            print(f"continue the ensemble with the same arguments and --resume {output_dir}", file=sys.stderr)
-            return {**summary, "members": members, "seconds": time.perf_counter() - started}
-    if os.environ.get("RANK", "0") == "0":
-        write_ensemble(output_dir, config.prompt.ensemble)
-        print(f"ensemble: {config.prompt.ensemble} prompts saved in {output_dir / 'best'}")
-    return {**summary, "members": members, "seconds": time.perf_counter() - started, "output_dir": str(output_dir)}
-
-
-def write_ensemble(output_dir: Path, size: int) -> None:
-    """`best/`: member 0's checkpoint (each member's best/, or last/ when it had no evaluation rows),
-    the others in subfolders `prompt-1/` ..., named in its soft_prompt.json under "ensemble"."""
-    files = {}
-    for k in range(size):
-        source = output_dir / f"prompt-{k}" / "best"
-        source = source if source.is_dir() else source.with_name("last")
-        prefix = "" if k == 0 else f"prompt-{k}/"
-        files.update({prefix + name: (source / name).read_bytes() for name in CHECKPOINT_FILES if (source / name).is_file()})
-    metadata = json.loads(files[METADATA_NAME])
-    metadata["ensemble"] = [f"prompt-{k}" for k in range(1, size)]
-    files[METADATA_NAME] = json_bytes(metadata)
-    write_directory_atomic(output_dir / "best", files)
-
-
 def train(config: TrainConfig) -> dict:
     """Train a soft prompt as `config` says (`setup`, then `loop`); returns the summary (also
     printed as one line). `config` itself is not changed; the run folder's train_config.json holds
@@ -882,7 +820,7 @@ def train(config: TrainConfig) -> dict:
     """
     started = time.perf_counter()
     if config.prompt.ensemble > 1:
-        return train_ensemble(config)
+        return train_ensemble(config, train)  # each member is a run of this function
     with contextlib.ExitStack() as held:  # the run folder's lock, from setup to the end
         run = setup(config, held)
         try:

@@ -49,13 +49,14 @@ LAYERS = {
     "serving": SERVICES,
     # commands: what the scripts run
     "training": COMMANDS,
+    "ensemble_training": COMMANDS,
     "inference": COMMANDS,
     "analysis": COMMANDS,
     "analysis_plots": COMMANDS,
     "description": COMMANDS,
 }
 # A command's own helper modules, which only that command imports.
-COMMAND_PARTS = {"analysis_plots": "analysis", "description": "analysis"}
+COMMAND_PARTS = {"analysis_plots": "analysis", "description": "analysis", "ensemble_training": "training"}
 
 
 def is_type_checking(node: ast.If) -> bool:

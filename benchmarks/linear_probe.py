@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from soft_prompt.config import HATE_TEMPLATE, OneLineParser, resolve_config  # noqa: E402
-from soft_prompt.data import load_rows  # noqa: E402
+from soft_prompt.data import check_template_columns, load_rows  # noqa: E402
 from soft_prompt.evaluation import label_metrics  # noqa: E402
 from soft_prompt.files import check_output_folder, json_bytes, png_bytes, portable_path, write_atomic  # noqa: E402
 from soft_prompt.runtime import load_base_model  # noqa: E402
@@ -189,6 +189,13 @@ def probe(options: argparse.Namespace, argv: list[str]) -> None:
     labels = options.label_words or label_words_of(options.template, train_rows_all)
     if not labels:
         raise ValueError(f"no label words: the last field of {options.template!r} has too many values; pass --label-words")
+    last = template_fields(options.template)[-1]
+    for rows, source in ((train_rows_all, options.data), (test_rows, options.test_data)):
+        if rows is not None:
+            check_template_columns(options.template, rows, source)
+            unknown = sorted({str(row[last]) for row in rows} - set(labels))
+            if unknown:
+                raise ValueError(f"{source} has rows labelled {unknown[:5]}, which are not among the label words {labels}")
     model, tokenizer = load_base_model(options.model, "fp32", "cpu")
     model.eval()
     texts = sorted({split_template(options.template, row)[0] for row in train_rows_all + (test_rows or [])})

@@ -70,3 +70,9 @@ def test_bad_input_is_one_line_and_exit_code_2(bloom_dir, tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("linear_probe.py: error: ") and "missing.jsonl" in error and "\n" not in error
     assert not (tmp_path / "out").exists()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(10)))
+    for flags, message in ((["--label-words", "yes", "no"], "not among the label words"),
+                           (["--template", "Text : {sentence} Label : {label_text}"], "{sentence} is not a column")):
+        assert linear_probe.main(["--model", bloom_dir, "--data", str(rows), "--output-dir", str(tmp_path / "out"), *flags]) == 2
+        assert message in capsys.readouterr().err

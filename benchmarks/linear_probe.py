@@ -93,7 +93,8 @@ def probe_seed(features: dict[str, torch.Tensor], index: dict[str, int], parts: 
     gold_of = {name: torch.tensor([labels.index(str(row[last])) for row in rows]) for name, rows in parts.items()}
     settings = []
     layers = next(iter(features.values())).shape[1]
-    for pooling, layer, l2 in itertools.product(POOLINGS, range(layers), L2_PENALTIES):
+    grid = list(itertools.product(POOLINGS, range(layers), L2_PENALTIES))
+    for pooling, layer, l2 in tqdm(grid, desc="fits", unit="fit", leave=False):
         train, val = standardised(*(features[pooling][rows_of[name], layer] for name in ("train", "val")))
         weight, bias = fit_logistic(train, gold_of["train"], len(labels), l2)
         predicted = [labels[i] for i in (val.double() @ weight + bias).argmax(1).tolist()]

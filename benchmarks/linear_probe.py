@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,9 +30,11 @@ from soft_prompt.config import HATE_TEMPLATE, OneLineParser, resolve_config  # n
 from soft_prompt.data import check_template_columns, load_rows  # noqa: E402
 from soft_prompt.evaluation import label_metrics  # noqa: E402
 from soft_prompt.files import check_output_folder, json_bytes, png_bytes, portable_path, write_atomic  # noqa: E402
+from soft_prompt.masks import right_padded  # noqa: E402
 from soft_prompt.runtime import load_base_model  # noqa: E402
 from soft_prompt.templates import label_words_of, split_template, template_fields  # noqa: E402
 from soft_prompt.training import load_data_rows  # noqa: E402
+from sweep import mean_sd  # noqa: E402
 
 POOLINGS = ("last", "mean")
 L2_PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # on the mean cross-entropy, features standardised
@@ -48,9 +49,7 @@ def hidden_features(model, tokenizer, texts: list[str], batch_size: int) -> dict
     order = sorted(range(len(texts)), key=lambda i: len(all_ids[i]))  # batches of similar length: little padding
     for start in tqdm(range(0, len(texts), batch_size), desc="features", unit="batch"):
         ids = [all_ids[i] for i in order[start : start + batch_size]]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([row + [tokenizer.pad_token_id or 0] * (width - len(row)) for row in ids])  # [B, T]
-        mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])  # right padding
+        input_ids, mask = right_padded(ids, tokenizer.pad_token_id)  # [B, T]
         states = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
         states = torch.stack(states, dim=1).float()  # [B, layers + 1, T, D]
         last = mask.sum(1) - 1
@@ -113,8 +112,8 @@ def probe_seed(features: dict[str, torch.Tensor], index: dict[str, int], parts: 
     return result
 
 
-def mean_sd(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
+def mean_sd_text(values: list[float]) -> str:
+    return "{:.3f} ± {:.3f}".format(*mean_sd(values))
 
 
 def write_report(output_dir: Path, options: argparse.Namespace, argv: list[str], results: dict[int, dict]) -> None:
@@ -131,9 +130,9 @@ def write_report(output_dir: Path, options: argparse.Namespace, argv: list[str],
         lines.append(f"| {seed} | {chosen['pooling']}, {chosen['layer']}, {chosen['l2']:g} | {chosen['validation']['accuracy']:.3f} | "
                      f"{chosen['validation']['macro_f1']:.3f} | {test.get('accuracy', float('nan')):.3f} | {test.get('macro_f1', float('nan')):.3f} |")
     chosen = [result["chosen"]["validation"] for result in results.values()]
-    summary = f"| mean ± sd | | {mean_sd([c['accuracy'] for c in chosen])} | {mean_sd([c['macro_f1'] for c in chosen])} |"
+    summary = f"| mean ± sd | | {mean_sd_text([c['accuracy'] for c in chosen])} | {mean_sd_text([c['macro_f1'] for c in chosen])} |"
     tests = [result["test"] for result in results.values() if "test" in result]
-    summary += f" {mean_sd([t['accuracy'] for t in tests])} | {mean_sd([t['macro_f1'] for t in tests])} |" if tests else " | |"
+    summary += f" {mean_sd_text([t['accuracy'] for t in tests])} | {mean_sd_text([t['macro_f1'] for t in tests])} |" if tests else " | |"
     lines.append(summary)
     write_atomic(output_dir / "linear-probe.md", ("\n".join(lines) + "\n").encode())
     write_atomic(output_dir / "linear-probe.json", json_bytes({"model": portable_path(options.model), "results": results}))
@@ -197,8 +196,7 @@ def probe(options: argparse.Namespace, argv: list[str]) -> None:
             unknown = sorted({str(row[last]) for row in rows} - set(labels))
             if unknown:
                 raise ValueError(f"{source} has rows labelled {unknown[:5]}, which are not among the label words {labels}")
-    model, tokenizer = load_base_model(options.model, "fp32", "cpu")
-    model.eval()
+    model, tokenizer = load_base_model(options.model, "fp32", "cpu")  # in eval mode
     texts = sorted({split_template(options.template, row)[0] for row in train_rows_all + (test_rows or [])})
     index = {text: i for i, text in enumerate(texts)}
     features = hidden_features(model, tokenizer, texts, options.batch_size)

@@ -5,10 +5,12 @@ and the prompt's own pass.
 
 It trains nothing. It sorts the rows by length, takes batches of `--batch-size` at the shortest,
 the quartiles and the longest, and times one forward and backward of each loss on each (the fastest
-of `--repeats`): `shared_prefix_loss` (the prompt once, then the B text rows against its cache) and
-`SoftPromptModel.loss` (the prompt in every row). The prompt pass alone is the decoder on the
-`[1, V]` prompt with the gradient of every layer's keys and values, which is what the shared path
-adds to each micro-batch. Beside each time: positions, matmul TFLOP (`batch_cost`) and TFLOP/s.
+of `--repeats`): `shared_prefix_loss` (the prompt once per batch: in one sequence with the rows, or
+on a model whose attention is not pluggable, in a pass of its own before them) and
+`SoftPromptModel.loss` (the prompt in every row). On a two-pass model the prompt pass alone is
+timed too: the decoder on the `[1, V]` prompt with the gradient of every layer's keys and values,
+which is what that path adds to each micro-batch. Beside each time: positions, matmul TFLOP
+(`batch_cost`) and TFLOP/s.
 Without --model it builds a tiny BLOOM and its demo rows (seconds; what the test runs). Writes
 results/step-<name>.md and .json.
 """
@@ -31,7 +33,8 @@ from soft_prompt.files import portable_path
 from soft_prompt.masks import IGNORE_INDEX
 from soft_prompt.model import SoftPromptModel
 from soft_prompt.runtime import DTYPES, load_base_model, set_attention
-from soft_prompt.shared_prefix import batch_cost, prompt_pass, shared_prefix_loss
+from soft_prompt.prefix_attention import prefix_attention_kernel
+from soft_prompt.shared_prefix import batch_cost, prompt_pass, shared_prefix_loss, text_columns
 from soft_prompt.tiny import save_tiny_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -93,17 +96,20 @@ def main() -> None:
             prompt_pass_step(model)
 
     V = args.num_virtual_tokens
-    cost = batch_cost(base, V, 0, 0, 0, shared=True)
-    seconds = fastest_seconds(prompt_step, args.repeats)
-    results = [{"batch": "prompt pass alone", "rows": 1, "length": V, "shared_positions": cost.positions,
-                "shared_tflop": cost.flops / 1e12, "shared_ms": 1000 * seconds, "shared_tflops": cost.flops / 1e12 / seconds}]
+    results = []
+    if prefix_attention_kernel(base) is None:  # the shared path runs the prompt in a pass of its own
+        cost = batch_cost(base, V, 0, 0, 0, shared=True)
+        seconds = fastest_seconds(prompt_step, args.repeats)
+        results.append({"batch": "prompt pass alone", "rows": 1, "length": V, "shared_positions": cost.positions,
+                        "shared_tflop": cost.flops / 1e12, "shared_ms": 1000 * seconds, "shared_tflops": cost.flops / 1e12 / seconds})
     for start in starts:
         batch = collate(examples[start : start + args.batch_size], tokenizer.pad_token_id)
         rows_in, length = batch["input_ids"].shape
         labelled = int((batch["labels"] != IGNORE_INDEX).sum())
         line = {"batch": f"rows {start}-{start + rows_in - 1} by length", "rows": rows_in, "length": length}
         for side, loss_fn, shared in (("shared", shared_prefix_loss, True), ("plain", SoftPromptModel.loss, False)):
-            cost = batch_cost(base, V, rows_in, length, labelled, shared=shared)
+            columns = text_columns(batch["labels"]) if shared else length  # the shared path stops at the last label
+            cost = batch_cost(base, V, rows_in, columns, labelled, shared=shared)
             seconds = fastest_seconds(loss_step(loss_fn, batch), args.repeats)
             line |= {f"{side}_positions": cost.positions, f"{side}_tflop": cost.flops / 1e12, f"{side}_ms": 1000 * seconds,
                      f"{side}_tflops": cost.flops / 1e12 / seconds}

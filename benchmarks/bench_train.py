@@ -206,10 +206,10 @@ def ours_cost(config, automatic: dict) -> dict:
     """What `train(config)` computed: its micro-batches rebuilt with the loop's own functions (its
     tokenisation, batch order and cuts, `automatic`'s budget), each counted by `batch_cost` on the
     loss path it ran. The LM head runs only on the labelled tokens."""
-    from soft_prompt.data import batch_order
+    from soft_prompt.data import batch_order, collate
     from soft_prompt.distributed import World
     from soft_prompt.masks import IGNORE_INDEX
-    from soft_prompt.shared_prefix import batch_cost
+    from soft_prompt.shared_prefix import batch_cost, text_columns
     from soft_prompt.training import load_data_rows, step_micro_batches, tokenize_data
 
     examples, _ = tokenize_data(config, load_tokenizer(config.model.model), *load_data_rows(config))
@@ -226,10 +226,13 @@ def ours_cost(config, automatic: dict) -> dict:
             pieces += step_micro_batches(group, lengths, labelled, budget, num_virtual, World(), lockstep=False,
                                          prompt_once=shared)[0]
     base_model = meta_model(config.model.model)
-    costs = [
-        batch_cost(base_model, num_virtual, len(piece), max(lengths[i] for i in piece), sum(labelled[i] for i in piece), shared)
-        for piece in pieces
-    ]
+
+    def columns(piece: list[int]) -> int:  # what the loss path runs of the piece's padded length
+        if not shared:
+            return max(lengths[i] for i in piece)
+        return text_columns(collate([examples[i] for i in piece], pad_token_id=0)["labels"])
+
+    costs = [batch_cost(base_model, num_virtual, len(piece), columns(piece), sum(labelled[i] for i in piece), shared) for piece in pieces]
     return {
         "positions": sum(cost.positions for cost in costs), "flops": sum(cost.flops for cost in costs),
         "head_positions": sum(labelled[i] for piece in pieces for i in piece), "micro_batches": len(pieces),

@@ -2,15 +2,21 @@
 
 Training lays a batch out as `[P][x][pad]`: the V prompt positions come first and are the same in
 every row, and under causal attention their states depend on those positions alone. So instead of
-running `[B, V + T]` positions,
+running `[B, V + T]` positions, this runs V + B * T, in one of two ways:
 
-    prompt pass  [P]            [1, V]      with gradients; its keys and values become the cache
-    text pass    [P-cache][x]   [B, T]      the cache expanded over the B rows (a view), the text
-                                            at positions V, V + 1, ..., the mask [B, V + T]
+    one pass     [P][x_1]...[x_B]  [1, V + B*T]  the rows laid end to end after one prompt; every
+                                                  position-wise op runs once over them all, and
+                                                  attention sees the rows (`prefix_attention.py`)
+    two passes   [P]               [1, V]         with gradients; its keys and values become a cache
+                 [P-cache][x]      [B, T]         the cache expanded over the B rows (a view), the
+                                                  text at positions V, V + 1, ..., the mask [B, V + T]
 
-runs V + B * T. The expand is a view, so autograd sums the B rows' gradients into the one prompt,
-and the loss and the prompt's gradient equal `SoftPromptModel.loss` to round-off. The first text
-token is predicted by the prompt's last position, whose state every row shares.
+The one pass needs a model whose attention goes through transformers' attention interface (GPT-2,
+Llama and most others); BLOOM's does not, and takes two. Either way autograd sums the B rows'
+gradients into the one prompt, and the loss and the prompt's gradient equal `SoftPromptModel.loss`
+to round-off. The first text token is predicted by the prompt's last position, whose state every
+row shares, and the text stops at the column before the last labelled one: later positions predict
+nothing that is scored.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from transformers import DynamicCache
 from .generation import prefix_cache_problem
 from .loss import frozen_head_cross_entropy
 from .masks import IGNORE_INDEX, positions_from_mask
+from .prefix_attention import PrefixLayout, prefix_attention_kernel, routed_to_prefix_attention
 
 if TYPE_CHECKING:
     from .model import SoftPromptModel
@@ -75,6 +82,14 @@ def prompt_pass(model: SoftPromptModel, dtype: torch.dtype) -> tuple[torch.Tenso
     return output.last_hidden_state, cache
 
 
+def text_columns(labels: torch.Tensor) -> int:
+    """How many of a right-padded batch's text columns the decoder runs: up to the one before the
+    last labelled column (position j predicts token j + 1; the prompt's last predicts token 0), and
+    at least one."""
+    labelled_columns = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    return max(int(labelled_columns[-1]) if len(labelled_columns) else 0, 1)
+
+
 def shared_prefix_loss(
     model: SoftPromptModel,
     input_ids: torch.Tensor,
@@ -88,11 +103,43 @@ def shared_prefix_loss(
         attention_mask = torch.ones_like(input_ids)
     if labels is None:
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    base_model, decoder = model.base_model, model.base_model.get_decoder()
-    batch_size, length = input_ids.shape
-    text_embeds = base_model.get_input_embeddings()(input_ids)  # [B, T, D]
-    num_virtual = model.num_virtual_tokens
+    columns = text_columns(labels)
+    input_ids, attention_mask, labels = input_ids[:, :columns], attention_mask[:, :columns], labels[:, : columns + 1]
+    text_embeds = model.base_model.get_input_embeddings()(input_ids)  # [B, T, D]
+    kernel = prefix_attention_kernel(model.base_model)
+    if kernel is not None:
+        predicting = one_pass(model, text_embeds, attention_mask, kernel)
+    else:
+        predicting = two_passes(model, text_embeds, attention_mask)
+    # predicting[:, j] predicts token j: [B, T + 1, D] against labels [B, <= T + 1]
+    predicting = predicting[:, : labels.shape[1]]
+    has_label = labels != IGNORE_INDEX
+    return frozen_head_cross_entropy(predicting[has_label], model.base_model.get_output_embeddings(), labels[has_label])
 
+
+def one_pass(model: SoftPromptModel, text_embeds: torch.Tensor, attention_mask: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The prompt and the rows as one flat sequence `[1, V + B*T]`; returns the states that predict
+    each row's tokens, `[B, T + 1, D]`: the prompt's last, then the row's own."""
+    batch_size, length, width = text_embeds.shape
+    num_virtual = model.num_virtual_tokens
+    embeds = torch.cat([model.prompt(1).to(text_embeds.dtype), text_embeds.reshape(1, batch_size * length, width)], dim=1)
+    mask = torch.cat([attention_mask.new_ones(batch_size, num_virtual), attention_mask], dim=1)  # [B, V + T]
+    row_positions = positions_from_mask(mask)[:, num_virtual:]  # [B, T]: V, V + 1, ...
+    positions = torch.cat([torch.arange(num_virtual, device=mask.device), row_positions.flatten()])[None]  # [1, V + B*T]
+    layout = PrefixLayout.build(num_virtual, attention_mask, kernel)
+    with routed_to_prefix_attention(model.base_model):
+        hidden = model.base_model.get_decoder()(
+            inputs_embeds=embeds, position_ids=positions, use_cache=False, prefix_layout=layout
+        ).last_hidden_state  # [1, V + B*T, D]
+    prompt_last = hidden[:, num_virtual - 1 : num_virtual].expand(batch_size, -1, -1)  # [B, 1, D]
+    return torch.cat([prompt_last, hidden[0, num_virtual:].view(batch_size, length, width)], dim=1)
+
+
+def two_passes(model: SoftPromptModel, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The prompt alone, then the rows against its cache; returns the states that predict each
+    row's tokens, `[B, T + 1, D]`: the prompt's last, then the row's own."""
+    batch_size = text_embeds.shape[0]
+    num_virtual = model.num_virtual_tokens
     prompt_hidden, prompt_cache = prompt_pass(model, text_embeds.dtype)  # [1, V, D]
     # Every row's cache is a view of the one prompt's keys and values, [B, heads, V, d]; the text
     # pass concatenates its own after them (a new tensor, so the views are never written).
@@ -105,16 +152,10 @@ def shared_prefix_loss(
     if model.takes_position_ids:
         text_inputs["position_ids"] = positions_from_mask(mask)[:, num_virtual:]  # [B, T]: V, V + 1, ...
     # BLOOM takes its ALiBi positions from the [B, V + T] mask instead.
-    text_hidden = decoder(
+    text_hidden = model.base_model.get_decoder()(
         **text_inputs, use_cache=True, **{model.cache_argument: DynamicCache(ddp_cache_data=shared)}
     ).last_hidden_state  # [B, T, D]
-
-    # Token x_j is predicted by the position before it: x_1 by the prompt's last (shared by all rows).
-    predicting_text = torch.cat(
-        [prompt_hidden[:, -1:].expand(batch_size, -1, -1), text_hidden[:, :-1]], dim=1
-    )  # [B, T, D]
-    has_label = labels != IGNORE_INDEX
-    return frozen_head_cross_entropy(predicting_text[has_label], base_model.get_output_embeddings(), labels[has_label])
+    return torch.cat([prompt_hidden[:, -1:].expand(batch_size, -1, -1), text_hidden], dim=1)
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,14 @@ def test_bench_train_reports_every_side(tmp_path):
     assert paths["ours-checkpointed"].startswith("plain (gradient checkpointing")
     for side in ("peft-loop", "defaults-no-shared-prefix", "plain", "ours-checkpointed"):
         assert run_of[side]["positions_per_epoch"] == plain
-    # The shared-prefix path computes the prompt once for the 16 rows: V + B x T.
-    assert run_of["defaults"]["positions_per_epoch"] == run_of["ours"]["positions_per_epoch"] == plain - 15 * V
-    # Within 40 tokens every row is its own micro-batch, padded to itself: 16 prompts and every real token.
+    # The shared-prefix path computes the prompt once for the 16 rows, and the text up to the column
+    # before the last label (here the longest row's last token): V + B x (T - 1).
+    assert run_of["defaults"]["positions_per_epoch"] == run_of["ours"]["positions_per_epoch"] == plain - 15 * V - 16
+    # Within 40 tokens every row is its own micro-batch, padded to itself: 16 prompts and every real
+    # token but each row's last.
     labelled = run_of["ours"]["head_positions_per_epoch"]  # every real token is a label (--loss-on all)
     assert run_of["ours-micro-batches"]["micro_batches_per_epoch"] == 16
-    assert run_of["ours-micro-batches"]["positions_per_epoch"] == 16 * V + labelled
+    assert run_of["ours-micro-batches"]["positions_per_epoch"] == 16 * V + labelled - 16
     # The same decoder passes, and the LM head on all positions (PEFT) or the labelled ones (ours):
     # 4 FLOPs per head weight and position, forward and the input's gradient.
     config = AutoConfig.from_pretrained(save_tiny_model(tmp_path / "tiny", "bloom"))
@@ -82,9 +84,9 @@ def test_bench_step_times_both_paths_on_the_same_batches(tmp_path):
     assert results[0]["batch"] == "prompt pass alone" and results[0]["shared_positions"] == V and results[0]["shared_ms"] > 0
     batches = results[1:]
     assert len(batches) == 5 and [line["length"] for line in batches] == sorted(line["length"] for line in batches)
-    for line in batches:  # the prompt once (V + B x T) against in every row (B x (V + T)), on the same batch
-        rows, length = line["rows"], line["length"]
-        assert (line["shared_positions"], line["plain_positions"]) == (V + rows * length, rows * (V + length))
+    for line in batches:  # the prompt once (V + B x (T - 1): the last column predicts nothing) against in
+        rows, length = line["rows"], line["length"]  # every row (B x (V + T)), on the same batch
+        assert (line["shared_positions"], line["plain_positions"]) == (V + rows * (length - 1), rows * (V + length))
         assert line["shared_tflop"] < line["plain_tflop"] and line["shared_ms"] > 0 and line["plain_ms"] > 0
     assert "| prompt pass alone | 1 x 4 |" in (tmp_path / "step-tiny-bloom-fp32.md").read_text()
 

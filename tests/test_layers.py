@@ -33,6 +33,7 @@ LAYERS = {
     "calibration": CORE,
     "calibrate_model": CORE,
     "reparam": CORE,
+    "prefix_attention": CORE,
     "shared_prefix": CORE,
     "model": CORE,
     # services: what the commands share

@@ -6,7 +6,8 @@ import torch
 from soft_prompt import SoftPromptModel
 from soft_prompt.bloom_sdpa import use_sdpa_attention
 from soft_prompt.masks import IGNORE_INDEX
-from soft_prompt.shared_prefix import batch_cost, shared_prefix_loss, shared_prefix_supported
+from soft_prompt.prefix_attention import NAME, PrefixLayout, prefix_attention, prefix_attention_kernel, routed_to_prefix_attention
+from soft_prompt.shared_prefix import batch_cost, shared_prefix_loss, shared_prefix_supported, text_columns
 from tests.conftest import load
 
 TEXTS = ["the cat is lovely", "our team made me smile and helps everyone", "those people", "this movie is fine and sounds nice"]
@@ -39,24 +40,66 @@ def shared(model):
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-@pytest.mark.parametrize("completion_only", [False, True])
-def test_equals_the_plain_loss_and_gradient(model_dir, attention, completion_only):
+@pytest.mark.parametrize("labelled", ["all", "completion", "start"])
+def test_equals_the_plain_loss_and_gradient(model_dir, attention, labelled):
     model, batch = wrapped(model_dir, attention)
-    if completion_only:
+    if labelled == "completion":
         batch["labels"][:, :2] = IGNORE_INDEX  # the first two tokens are the "prompt" of each row
+    if labelled == "start":  # no label after column 3: the text stops at column 2
+        batch["labels"][:, 4:] = IGNORE_INDEX
     assert shared_prefix_supported(model) == (True, "the prompt runs once per batch")
     plain_loss, plain_grad = loss_and_gradient(model, model.loss, [batch], [1.0])
-    seen = []  # the decoder's inputs: the prompt once, then the rows' text alone
+    seen = []  # the decoder's inputs
     hook = model.base_model.get_decoder().register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
     )
     shared_loss, shared_grad = loss_and_gradient(model, shared(model), [batch], [1.0])
     hook.remove()
     rows, length = batch["input_ids"].shape
-    assert seen == [(1, NUM_VIRTUAL), (rows, length)]
+    columns = 3 if labelled == "start" else length - 1  # the columns after predict nothing
+    assert text_columns(batch["labels"]) == columns
+    if model.base_model.config.model_type == "bloom":  # the prompt once, then the rows' text against its cache
+        assert seen == [(1, NUM_VIRTUAL), (rows, columns)]
+    else:  # the prompt and the rows' text in one sequence
+        assert seen == [(1, NUM_VIRTUAL + rows * columns)]
     assert plain_grad.abs().sum() > 0
     torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(shared_grad, plain_grad, rtol=1e-5, atol=1e-5 * plain_grad.abs().max().item())
+
+
+def test_text_columns_stop_before_the_last_labelled_column():
+    x = IGNORE_INDEX
+    assert text_columns(torch.tensor([[5, 6, x, x, x], [x, 7, 8, x, x]])) == 2  # the last label is in column 2, predicted by column 1
+    assert text_columns(torch.tensor([[5, 6, x, x, x], [x, 7, 8, 9, x]])) == 3
+    assert text_columns(torch.tensor([[5, x], [x, x]])) == 1  # the prompt predicts column 0; one column still runs
+    assert text_columns(torch.full((2, 4), x)) == 1
+
+
+def test_the_one_pass_stands_in_only_for_the_kernels_it_reproduces(model_dir):
+    model, batch = wrapped(model_dir)
+    base_model = model.base_model
+    if base_model.config.model_type == "bloom":  # BLOOM's attention does not call the interface
+        assert prefix_attention_kernel(base_model) is None
+        return
+    assert prefix_attention_kernel(base_model) == "eager"
+    base_model.set_attn_implementation("sdpa")
+    assert prefix_attention_kernel(base_model) == "sdpa"
+    base_model.config._attn_implementation = "flash_attention_2"  # set by hand: no flash-attn package here
+    assert prefix_attention_kernel(base_model) is None
+    base_model.config._attn_implementation = "sdpa"
+    # The setting is the model's own again after the block, also after an error inside it.
+    with pytest.raises(RuntimeError, match="inside"):
+        with routed_to_prefix_attention(base_model):
+            assert base_model.config._attn_implementation == NAME
+            raise RuntimeError("inside")
+    assert base_model.config._attn_implementation == "sdpa"
+    # Outside shared_prefix_loss (no layout), or with dropout, it refuses in one line.
+    query = torch.zeros(1, 4, 3, 8)
+    with pytest.raises(ValueError, match="only inside shared_prefix_loss"):
+        prefix_attention(None, query, query, query, None)
+    layout = PrefixLayout.build(1, torch.ones(1, 2, dtype=torch.long), "eager")
+    with pytest.raises(ValueError, match="no dropout"):
+        prefix_attention(None, query, query, query, None, dropout=0.1, prefix_layout=layout)
 
 
 def test_micro_batches_add_up_to_the_whole_batch(model_dir):

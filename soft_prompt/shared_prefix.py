@@ -49,7 +49,8 @@ def shared_prefix_supported(model: SoftPromptModel) -> tuple[bool, str]:
     if base_model.training:
         if any(getattr(module, "gradient_checkpointing", False) is True for module in base_model.modules()):
             # transformers drops a passed cache under checkpointing in training mode (its layers,
-            # and GPT-2's model forward), so the text rows would not see the prompt.
+            # and GPT-2's model forward), so the text rows would not see the prompt (two passes);
+            # the backward's recomputation would run outside the prefix attention (one pass).
             return False, "gradient checkpointing drops the prompt's cache in transformers' layers"
         if has_active_dropout(base_model):
             # One prompt pass means one dropout mask for every row's prompt: not the same loss.

@@ -30,6 +30,7 @@ class PrefixLayout:
     num_virtual: int
     rows: int
     length: int
+    prompt_mask: torch.Tensor  # [1, 1, V, V] bool, causal
     text_mask: torch.Tensor  # [B, 1, T, V + T] bool, True where a row's query may attend
     kernel: str  # "eager" or "sdpa": the model's attention setting
 
@@ -38,11 +39,12 @@ class PrefixLayout:
         """The layout of `attention_mask`'s `[B, T]` right-padded rows after a V-token prompt."""
         rows, length = attention_mask.shape
         device = attention_mask.device
+        prompt_mask = torch.ones(num_virtual, num_virtual, dtype=torch.bool, device=device).tril()[None, None]
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()  # [T, T]
         own = causal[None] & attention_mask.bool()[:, None, :]  # [B, T, T]: padding hidden as a key
         # A padding query still sees the prompt, so its (unused) softmax never divides by zero.
         text_mask = torch.cat([own.new_ones(rows, length, num_virtual), own], dim=2)[:, None]  # [B, 1, T, V + T]
-        return cls(num_virtual, rows, length, text_mask, kernel)
+        return cls(num_virtual, rows, length, prompt_mask, text_mask, kernel)
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scaling: float, kernel: str):
@@ -88,8 +90,7 @@ def prefix_attention(
     def text_rows(x: torch.Tensor) -> torch.Tensor:
         return x[0, :, num_virtual:].unflatten(1, (rows, length)).transpose(0, 1)  # [B, H, T, d], a view
 
-    causal = torch.ones(num_virtual, num_virtual, dtype=torch.bool, device=query.device).tril()[None, None]
-    prompt_out = attend(prompt_part(query), prompt_part(key), prompt_part(value), causal, scaling, layout.kernel)
+    prompt_out = attend(prompt_part(query), prompt_part(key), prompt_part(value), layout.prompt_mask, scaling, layout.kernel)
     # Each row's keys: the one prompt's (expanded, a view) then its own, [B, Hkv, V + T, d].
     row_keys = torch.cat([prompt_part(key).expand(rows, -1, -1, -1), text_rows(key)], dim=2)
     row_values = torch.cat([prompt_part(value).expand(rows, -1, -1, -1), text_rows(value)], dim=2)

@@ -107,27 +107,28 @@ def shared_prefix_loss(
     columns = text_columns(labels)
     input_ids, attention_mask, labels = input_ids[:, :columns], attention_mask[:, :columns], labels[:, : columns + 1]
     text_embeds = model.base_model.get_input_embeddings()(input_ids)  # [B, T, D]
+    mask = torch.cat([attention_mask.new_ones(len(input_ids), model.num_virtual_tokens), attention_mask], dim=1)  # [B, V + T]
     kernel = prefix_attention_kernel(model.base_model)
     if kernel is not None:
-        predicting = one_pass(model, text_embeds, attention_mask, kernel)
+        predicting = one_pass(model, text_embeds, mask, kernel)
     else:
-        predicting = two_passes(model, text_embeds, attention_mask)
+        predicting = two_passes(model, text_embeds, mask)
     # predicting[:, j] predicts token j: [B, T + 1, D] against labels [B, <= T + 1]
     predicting = predicting[:, : labels.shape[1]]
     has_label = labels != IGNORE_INDEX
     return frozen_head_cross_entropy(predicting[has_label], model.base_model.get_output_embeddings(), labels[has_label])
 
 
-def one_pass(model: SoftPromptModel, text_embeds: torch.Tensor, attention_mask: torch.Tensor, kernel: str) -> torch.Tensor:
-    """The prompt and the rows as one flat sequence `[1, V + B*T]`; returns the states that predict
-    each row's tokens, `[B, T + 1, D]`: the prompt's last, then the row's own."""
+def one_pass(model: SoftPromptModel, text_embeds: torch.Tensor, mask: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The prompt and the rows as one flat sequence `[1, V + B*T]` (`mask` `[B, V + T]`: the rows'
+    masks after the prompt's ones); returns the states that predict each row's tokens,
+    `[B, T + 1, D]`: the prompt's last, then the row's own."""
     batch_size, length, width = text_embeds.shape
     num_virtual = model.num_virtual_tokens
     embeds = torch.cat([model.prompt(1).to(text_embeds.dtype), text_embeds.reshape(1, batch_size * length, width)], dim=1)
-    mask = torch.cat([attention_mask.new_ones(batch_size, num_virtual), attention_mask], dim=1)  # [B, V + T]
     row_positions = positions_from_mask(mask)[:, num_virtual:]  # [B, T]: V, V + 1, ...
     positions = torch.cat([torch.arange(num_virtual, device=mask.device), row_positions.flatten()])[None]  # [1, V + B*T]
-    layout = PrefixLayout.build(num_virtual, attention_mask, kernel)
+    layout = PrefixLayout.build(num_virtual, mask[:, num_virtual:], kernel)
     with routed_to_prefix_attention(model.base_model):
         hidden = model.base_model.get_decoder()(
             inputs_embeds=embeds, position_ids=positions, use_cache=False, prefix_layout=layout
@@ -136,9 +137,10 @@ def one_pass(model: SoftPromptModel, text_embeds: torch.Tensor, attention_mask: 
     return torch.cat([prompt_last, hidden[0, num_virtual:].view(batch_size, length, width)], dim=1)
 
 
-def two_passes(model: SoftPromptModel, text_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The prompt alone, then the rows against its cache; returns the states that predict each
-    row's tokens, `[B, T + 1, D]`: the prompt's last, then the row's own."""
+def two_passes(model: SoftPromptModel, text_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The prompt alone, then the rows against its cache (`mask` `[B, V + T]`: the rows' masks
+    after the prompt's ones); returns the states that predict each row's tokens, `[B, T + 1, D]`:
+    the prompt's last, then the row's own."""
     batch_size = text_embeds.shape[0]
     num_virtual = model.num_virtual_tokens
     prompt_hidden, prompt_cache = prompt_pass(model, text_embeds.dtype)  # [1, V, D]
@@ -148,7 +150,6 @@ def two_passes(model: SoftPromptModel, text_embeds: torch.Tensor, attention_mask
         (layer.keys.expand(batch_size, -1, -1, -1), layer.values.expand(batch_size, -1, -1, -1))
         for layer in prompt_cache.layers
     ]
-    mask = torch.cat([attention_mask.new_ones(batch_size, num_virtual), attention_mask], dim=1)  # [B, V + T]
     text_inputs = {"inputs_embeds": text_embeds, "attention_mask": mask}
     if model.takes_position_ids:
         text_inputs["position_ids"] = positions_from_mask(mask)[:, num_virtual:]  # [B, T]: V, V + 1, ...

@@ -3,8 +3,9 @@
 The frozen model's LM head is applied only to the hidden states that have a label, a chunk of rows
 at a time, and the gradient for those hidden states is computed in the same pass: the head is
 frozen, so `d loss / d hidden = (softmax - onehot) @ W` is all the backward needs. Neither the
-logits nor the softmax are kept, so memory holds one `[chunk, vocab]` block instead of
-`[B, V + T, vocab]` in fp32 (bloomz-560m: 250,880 columns), and no matmul is added or repeated.
+logits nor the softmax are kept, so memory holds one `[chunk, vocab]` block (and an fp32 piece of
+it) instead of `[B, V + T, vocab]` in fp32 (bloomz-560m: 250,880 columns), and no matmul is added
+or repeated. The gradient's `softmax - onehot` is written back into the logits block, in place.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import torch
 
 # About 256 MiB of fp32 logits per chunk: large enough for efficient matmuls, small beside the model.
 CHUNK_ELEMENTS = 1 << 26
+# The softmax runs on pieces of a chunk this size in fp32: on CPU a block under glibc's 32 MiB mmap
+# limit is reused from the heap, where a fresh mmap'd block pays a page fault per 4 KiB each time.
+SOFTMAX_PIECE_BYTES = 1 << 22
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T + bias` `[N, vocab]` against `targets` `[N]`."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, piece_rows):
         # Softmax in fp32 at least (fp64 stays fp64, so an fp64 model gives an exact reference).
         softmax_dtype = torch.promote_types(hidden.dtype, torch.float32)
         loss = torch.zeros((), dtype=softmax_dtype, device=hidden.device)
@@ -27,18 +31,21 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = torch.nn.functional.linear(hidden[rows], weight, bias).to(softmax_dtype)  # [n, vocab]
-            # log-sum-exp by hand, in place: one exp over the block, which the gradient reuses, and
-            # no second [n, vocab] block (torch.logsumexp allocates one for its exp).
-            row_max = logits.amax(dim=-1, keepdim=True)  # [n, 1]
-            target_logits = logits.gather(1, targets[rows, None]).squeeze(1)
-            exps = logits.sub_(row_max).exp_()  # exp(logit - max), in place of the logits
-            sums = exps.sum(dim=-1, keepdim=True)
-            loss += (sums.log() + row_max - target_logits[:, None]).sum()
+            logits = torch.nn.functional.linear(hidden[rows], weight, bias)  # [n, vocab], the model's dtype
+            chunk_targets = targets[rows, None]  # [n, 1]
+            for piece_start in range(0, logits.shape[0], piece_rows):
+                piece = logits[piece_start : piece_start + piece_rows]  # a view: the gradient goes back in it
+                piece_targets = chunk_targets[piece_start : piece_start + piece_rows]
+                scores = piece.to(softmax_dtype)
+                probs = torch.softmax(scores, dim=-1)  # one fused pass, no exp block of our own
+                # -log p(target) = max - logit(target) + log(sum exp(logit - max)), and the sum is
+                # 1 / p(argmax): p(argmax) >= 1 / vocab never underflows, unlike p(target).
+                loss += (scores.amax(dim=-1) - scores.gather(1, piece_targets).squeeze(1) - probs.amax(dim=-1).log()).sum()
+                if needs_grad:
+                    probs.scatter_add_(1, piece_targets, probs.new_full(piece_targets.shape, -1.0))  # softmax - onehot
+                    piece.copy_(probs)
             if needs_grad:
-                probs = exps.div_(sums)  # softmax
-                probs[torch.arange(probs.shape[0], device=probs.device), targets[rows]] -= 1
-                grad_hidden[rows] = probs.to(weight.dtype) @ weight  # [n, D]
+                grad_hidden[rows] = logits @ weight  # [n, D]
         if needs_grad:
             ctx.save_for_backward(grad_hidden)
         return loss
@@ -46,21 +53,29 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None, None, None
 
 
 def frozen_head_cross_entropy(
-    hidden: torch.Tensor, head: torch.nn.Linear, targets: torch.Tensor, chunk_rows: int | None = None
+    hidden: torch.Tensor,
+    head: torch.nn.Linear,
+    targets: torch.Tensor,
+    chunk_rows: int | None = None,
+    piece_rows: int | None = None,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of `head(hidden)` `[N, vocab]` against `targets` `[N]`.
 
     Equals `F.cross_entropy(head(hidden).float(), targets)`, and its gradient w.r.t. `hidden`,
-    while holding at most `chunk_rows` rows of logits at a time. `head` must be frozen.
+    while holding at most `chunk_rows` rows of logits at a time, and `piece_rows` of them in fp32.
+    `head` must be frozen.
     """
     if head.weight.requires_grad:
         raise ValueError("frozen_head_cross_entropy needs a frozen LM head (requires_grad=False)")
+    vocab_size = head.weight.shape[0]
     if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+        chunk_rows = max(1, CHUNK_ELEMENTS // vocab_size)
+    if piece_rows is None:
+        piece_rows = max(1, SOFTMAX_PIECE_BYTES // (vocab_size * 4))
     if torch.is_autocast_enabled(hidden.device.type):
         # Match what autocast would do to the head's matmul: compute it in the autocast dtype.
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -70,5 +85,5 @@ def frozen_head_cross_entropy(
         weight, bias = head.weight, head.bias
         hidden = hidden.to(weight.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        total = _FrozenHeadCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows)
+        total = _FrozenHeadCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, piece_rows)
     return total / max(targets.numel(), 1)

@@ -31,15 +31,15 @@ def test_equals_the_models_own_loss_and_gradient(model_and_tokenizer, completion
     torch.testing.assert_close(wrapper.prompt.weight.grad, hf_grad, rtol=1e-5, atol=1e-7)
 
 
-def test_chunks_do_not_change_the_result():
+def test_chunks_and_pieces_do_not_change_the_result():
     torch.manual_seed(0)
     hidden = torch.randn(11, 8, requires_grad=True)
     head = torch.nn.Linear(8, 50, bias=True).requires_grad_(False)
     targets = torch.randint(0, 50, (11,))
     reference = torch.nn.functional.cross_entropy(head(hidden), targets)
     (reference_grad,) = torch.autograd.grad(reference, hidden)
-    for chunk_rows in (1, 4, 11, 100):
-        loss = frozen_head_cross_entropy(hidden, head, targets, chunk_rows=chunk_rows)
+    for chunk_rows, piece_rows in [(1, 1), (4, 1), (4, 3), (11, 4), (100, 100)]:
+        loss = frozen_head_cross_entropy(hidden, head, targets, chunk_rows=chunk_rows, piece_rows=piece_rows)
         (grad,) = torch.autograd.grad(3 * loss, hidden)  # the upstream gradient is applied
         torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grad, 3 * reference_grad, rtol=1e-5, atol=1e-7)
@@ -75,3 +75,13 @@ def test_fp64_equals_the_exact_cross_entropy(bloom):
     assert ours.dtype == torch.float64
     torch.testing.assert_close(ours, exact, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(our_grad, exact_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_a_target_far_below_the_maximum_keeps_a_finite_exact_loss():
+    # p(target) = exp(-200) underflows fp32; the loss is read through p(argmax) instead.
+    hidden = torch.eye(3)
+    head = torch.nn.Linear(3, 3, bias=False).requires_grad_(False)
+    head.weight.copy_(torch.diag(torch.tensor([200.0, 0.0, 0.0])))
+    loss = frozen_head_cross_entropy(hidden[:1], head, torch.tensor([1]))
+    exact = torch.nn.functional.cross_entropy(head(hidden[:1]).double(), torch.tensor([1]))
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-6, atol=0)

@@ -53,13 +53,16 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     SDPA kernels compute it (eager: scores in the input dtype, softmax in fp32)."""
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # each key/value head serves `groups` consecutive query heads
-        key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    rows, query_heads, length, width = query.shape
+    key_heads = key.shape[1]
+    # Each key/value head serves `groups` consecutive query heads: stack their queries on one head's
+    # rows, [B, Hkv, groups * Tq, d], instead of copying the keys and values `groups` times.
+    grouped = query.reshape(rows, key_heads, query_heads // key_heads * length, width)
+    scores = torch.matmul(grouped, key.transpose(2, 3)) * scaling  # [B, Hkv, groups * Tq, Tk]
+    hidden = ~mask.unsqueeze(2)  # [B or 1, 1, 1, Tq, Tk] against the scores' [B, Hkv, groups, Tq, Tk]
+    scores = scores.unflatten(2, (-1, length)).masked_fill_(hidden, torch.finfo(scores.dtype).min).flatten(2, 3)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value)
+    return torch.matmul(probs, value).view(rows, query_heads, length, width)
 
 
 def prefix_attention(

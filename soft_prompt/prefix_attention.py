@@ -59,8 +59,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     # rows, [B, Hkv, groups * Tq, d], instead of copying the keys and values `groups` times.
     grouped = query.reshape(rows, key_heads, query_heads // key_heads * length, width)
     scores = torch.matmul(grouped, key.transpose(2, 3)) * scaling  # [B, Hkv, groups * Tq, Tk]
-    hidden = ~mask.unsqueeze(2)  # [B or 1, 1, 1, Tq, Tk] against the scores' [B, Hkv, groups, Tq, Tk]
-    scores = scores.unflatten(2, (-1, length)).masked_fill_(hidden, torch.finfo(scores.dtype).min).flatten(2, 3)
+    hidden = ~mask.repeat(1, 1, query_heads // key_heads, 1)  # [B or 1, 1, groups * Tq, Tk]
+    scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(probs, value).view(rows, query_heads, length, width)
 
@@ -87,17 +87,17 @@ def prefix_attention(
     num_virtual, rows, length = layout.num_virtual, layout.rows, layout.length
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
 
-    def prompt_part(x: torch.Tensor) -> torch.Tensor:
-        return x[:, :, :num_virtual]  # [1, H, V, d]
-
-    def text_rows(x: torch.Tensor) -> torch.Tensor:
-        return x[0, :, num_virtual:].unflatten(1, (rows, length)).transpose(0, 1)  # [B, H, T, d], a view
-
-    prompt_out = attend(prompt_part(query), prompt_part(key), prompt_part(value), layout.prompt_mask, scaling, layout.kernel)
+    # [1, H, V, d] and [B, H, T, d], views; one split per tensor, so the backward joins the two
+    # gradients once instead of zero-filling the whole tensor for each part.
+    (prompt_query, text_query), (prompt_key, text_key), (prompt_value, text_value) = (
+        (prompt, text[0].unflatten(1, (rows, length)).transpose(0, 1))
+        for prompt, text in (x.split([num_virtual, rows * length], dim=2) for x in (query, key, value))
+    )
+    prompt_out = attend(prompt_query, prompt_key, prompt_value, layout.prompt_mask, scaling, layout.kernel)
     # Each row's keys: the one prompt's (expanded, a view) then its own, [B, Hkv, V + T, d].
-    row_keys = torch.cat([prompt_part(key).expand(rows, -1, -1, -1), text_rows(key)], dim=2)
-    row_values = torch.cat([prompt_part(value).expand(rows, -1, -1, -1), text_rows(value)], dim=2)
-    text_out = attend(text_rows(query), row_keys, row_values, layout.text_mask, scaling, layout.kernel)  # [B, Hq, T, d]
+    row_keys = torch.cat([prompt_key.expand(rows, -1, -1, -1), text_key], dim=2)
+    row_values = torch.cat([prompt_value.expand(rows, -1, -1, -1), text_value], dim=2)
+    text_out = attend(text_query, row_keys, row_values, layout.text_mask, scaling, layout.kernel)  # [B, Hq, T, d]
     # back to the flat sequence: [1, V, Hq, d] and [1, B*T, Hq, d] -> [1, V + B*T, Hq, d]
     return torch.cat([prompt_out.transpose(1, 2), text_out.transpose(1, 2).flatten(0, 1)[None]], dim=1), None
 

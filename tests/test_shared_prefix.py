@@ -131,6 +131,27 @@ def test_bf16_autocast_stays_within_the_bf16_tolerance(model_dir, attention):
     assert (shared_grad - plain_grad).norm() <= 2e-2 * plain_grad.norm()
 
 
+def test_a_compiled_decoder_still_takes_the_one_pass(tmp_path):
+    """--compile compiles the decoder once the attention setting is read: the one pass's switch to
+    the prefix attention must reach the compiled graph (a graph compiled for the model's own
+    attention would run the flat sequence as one causal row and give another loss)."""
+    from types import SimpleNamespace
+
+    from soft_prompt.runtime import apply_speed_options
+    from soft_prompt.tiny import save_tiny_model
+
+    model, batch = wrapped(save_tiny_model(tmp_path, "llama"))
+    plain_loss, plain_grad = loss_and_gradient(model, model.loss, [batch], [1.0])
+    apply_speed_options(model.base_model, SimpleNamespace(
+        attention="eager", device="cpu", precision="fp32", gradient_checkpointing=False, compile=True))
+    with torch.no_grad():  # compiled for eager first (forward only: a shorter compile)
+        compiled_plain_loss = model.loss(**batch)
+    shared_loss, shared_grad = loss_and_gradient(model, shared(model), [batch], [1.0])
+    torch.testing.assert_close(compiled_plain_loss, plain_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(shared_grad, plain_grad, rtol=1e-4, atol=1e-5 * plain_grad.abs().max().item())
+
+
 def test_evaluation_without_gradients(model_dir):
     model, batch = wrapped(model_dir)
     with torch.no_grad():

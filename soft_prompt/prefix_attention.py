@@ -60,7 +60,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     grouped = query.reshape(rows, key_heads, query_heads // key_heads * length, width)
     scores = torch.matmul(grouped, key.transpose(2, 3)) * scaling  # [B, Hkv, groups * Tq, Tk]
     hidden = ~mask.repeat(1, 1, query_heads // key_heads, 1)  # [B or 1, 1, groups * Tq, Tk]
-    scores = scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
+    scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(probs, value).view(rows, query_heads, length, width)
 

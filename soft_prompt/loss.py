@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-# About 256 MiB of fp32 logits per chunk: large enough for efficient matmuls, small beside the model.
+# 2^26 logits per chunk, in the model's dtype (256 MiB in fp32, 128 MiB in bf16): large enough
+# for efficient matmuls, small beside the model.
 CHUNK_ELEMENTS = 1 << 26
 # The softmax runs on pieces of a chunk this size in fp32: on CPU a block under glibc's 32 MiB mmap
 # limit is reused from the heap, where a fresh mmap'd block pays a page fault per 4 KiB each time.

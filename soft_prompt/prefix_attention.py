@@ -55,11 +55,12 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
     rows, query_heads, length, width = query.shape
     key_heads = key.shape[1]
+    groups = query_heads // key_heads
     # Each key/value head serves `groups` consecutive query heads: stack their queries on one head's
     # rows, [B, Hkv, groups * Tq, d], instead of copying the keys and values `groups` times.
-    grouped = query.reshape(rows, key_heads, query_heads // key_heads * length, width)
+    grouped = query.reshape(rows, key_heads, groups * length, width)
     scores = torch.matmul(grouped, key.transpose(2, 3)) * scaling  # [B, Hkv, groups * Tq, Tk]
-    hidden = ~mask.repeat(1, 1, query_heads // key_heads, 1)  # [B or 1, 1, groups * Tq, Tk]
+    hidden = ~mask.repeat(1, 1, groups, 1)  # [B or 1, 1, groups * Tq, Tk]
     scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(probs, value).view(rows, query_heads, length, width)

@@ -34,18 +34,22 @@ import json, sys, time
 spawned = float(sys.argv[1])
 started = time.time()
 import soft_prompt.training as training
+try:
+    import soft_prompt.training_setup as setup_module
+except ImportError:  # a checkout from before setup had a module of its own
+    setup_module = training
 from soft_prompt.config import parse_args, resolve_config
 from soft_prompt.model import SoftPromptModel
 seconds = {"python and imports": time.time() - spawned}
 cpu_seconds = {"python and imports": time.process_time()}  # the process's CPU time, all threads, since its start
 for name, label in PHASES.items():
-    def timed(*args, _run=getattr(training, name), _label=label, **kwargs):
+    def timed(*args, _run=getattr(setup_module, name), _label=label, **kwargs):
         begun, cpu_begun = time.time(), time.process_time()
         try:
             return _run(*args, **kwargs)
         finally:
             seconds[_label], cpu_seconds[_label] = time.time() - begun, time.process_time() - cpu_begun
-    setattr(training, name, timed)
+    setattr(setup_module, name, timed)
 class FirstStep(Exception):
     pass
 def first_step(self, *args, **kwargs):

@@ -210,7 +210,8 @@ def ours_cost(config, automatic: dict) -> dict:
     from soft_prompt.distributed import World
     from soft_prompt.masks import IGNORE_INDEX
     from soft_prompt.shared_prefix import batch_cost, text_columns
-    from soft_prompt.training import load_data_rows, step_micro_batches, tokenize_data
+    from soft_prompt.training import step_micro_batches
+    from soft_prompt.training_setup import load_data_rows, tokenize_data
 
     examples, _ = tokenize_data(config, load_tokenizer(config.model.model), *load_data_rows(config))
     lengths = [len(example.input_ids) for example in examples]

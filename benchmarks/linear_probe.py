@@ -33,7 +33,7 @@ from soft_prompt.files import check_output_folder, json_bytes, png_bytes, portab
 from soft_prompt.masks import right_padded  # noqa: E402
 from soft_prompt.runtime import load_base_model  # noqa: E402
 from soft_prompt.templates import label_words_of, split_template, template_fields  # noqa: E402
-from soft_prompt.training import load_data_rows  # noqa: E402
+from soft_prompt.training_setup import load_data_rows  # noqa: E402
 from sweep import mean_sd  # noqa: E402
 
 POOLINGS = ("last", "mean")

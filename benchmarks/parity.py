@@ -48,7 +48,8 @@ from soft_prompt.data import Example, batch_order, collate  # noqa: E402
 from soft_prompt.embedding import text_init_ids  # noqa: E402
 from soft_prompt.files import portable_path  # noqa: E402
 from soft_prompt.templates import fill_template  # noqa: E402
-from soft_prompt.training import load_data_rows, tokenize_data, train  # noqa: E402
+from soft_prompt.training import train  # noqa: E402
+from soft_prompt.training_setup import load_data_rows, tokenize_data  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 PROMPTS_TEMPLATE = TASKS["prompts"]["template"]

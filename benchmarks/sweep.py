@@ -64,7 +64,8 @@ from soft_prompt.files import json_bytes, portable_path, write_atomic
 from soft_prompt.inference import score_rows
 from soft_prompt.runtime import ensemble_prompts, load_prompted_model
 from soft_prompt.templates import label_words_of, template_fields
-from soft_prompt.training import load_data_rows, train
+from soft_prompt.training import train
+from soft_prompt.training_setup import load_data_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = [f"{score}/{method}" for score in LABEL_SCORES for method in CALIBRATIONS]  # "sum/none", ...

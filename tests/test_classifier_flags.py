@@ -18,7 +18,7 @@ from soft_prompt import SoftPromptModel
 from soft_prompt.config import HATE_TEMPLATE, parse_args, resolve_config
 from soft_prompt.scoring import label_sequences
 from soft_prompt.tiny import demo_rows, save_tiny_model
-from soft_prompt.training import load_data_rows
+from soft_prompt.training_setup import load_data_rows
 from tests.conftest import load
 
 LABELS = ["hate speech", "no hate speech"]
@@ -89,7 +89,7 @@ def test_val_fraction_is_stratified_by_label(tmp_path):
 @pytest.mark.parametrize("metric", ["macro_f1", "eval_loss"])
 def test_best_follows_the_metric_and_patience_stops(metric, model_dir, rows, tmp_path, monkeypatch, capsys):
     scripted = iter([0.5, 0.7, 0.6, 0.7] + [0.9] * 4)  # macro_f1 of evaluations 1, 2, ...: best at step 2
-    monkeypatch.setattr("soft_prompt.training.validation_label_metrics",
+    monkeypatch.setattr("soft_prompt.training_evaluation.validation_label_metrics",
                         lambda run: {"accuracy": 0.0, "macro_f1": next(scripted)})
     extra = ("--eval-every", "1", "--epochs", "2", "--patience", "2", "--best-metric", metric)
     assert train.main(flags(model_dir, rows, tmp_path, *extra)) == 0
@@ -111,7 +111,7 @@ def test_best_follows_the_metric_and_patience_stops(metric, model_dir, rows, tmp
 
 def test_patience_spent_at_the_last_step_is_not_a_stop(model_dir, rows, tmp_path, monkeypatch, capsys):
     scripted = iter([0.5, 0.7, 0.6, 0.7])  # the 2nd evaluation without a better score is the 4th, at the last step
-    monkeypatch.setattr("soft_prompt.training.validation_label_metrics",
+    monkeypatch.setattr("soft_prompt.training_evaluation.validation_label_metrics",
                         lambda run: {"accuracy": 0.0, "macro_f1": next(scripted)})
     assert train.main(flags(model_dir, rows, tmp_path, "--eval-every", "1", "--patience", "2")) == 0
     assert "done: 4 steps, train loss" in capsys.readouterr().out

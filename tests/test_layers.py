@@ -2,8 +2,9 @@
 
 Every module's imports are read with `ast` (at the top and inside functions; imports under
 `if TYPE_CHECKING:` are for annotations only and are left aside). A module may import its own
-layer or a lower one, never a higher one; a command never imports another command (its plots
-are part of it); and no import cycle runs through the package.
+layer or a lower one, never a higher one; a command never imports another command (its parts,
+such as its plots or its setup, belong to it and may import each other); and no import cycle runs
+through the package.
 """
 
 from __future__ import annotations
@@ -50,14 +51,19 @@ LAYERS = {
     "serving": SERVICES,
     # commands: what the scripts run
     "training": COMMANDS,
+    "training_setup": COMMANDS,
+    "training_evaluation": COMMANDS,
     "ensemble_training": COMMANDS,
     "inference": COMMANDS,
     "analysis": COMMANDS,
     "analysis_plots": COMMANDS,
     "description": COMMANDS,
 }
-# A command's own helper modules, which only that command imports.
-COMMAND_PARTS = {"analysis_plots": "analysis", "description": "analysis", "ensemble_training": "training"}
+# A command's own helper modules, which only that command and its other parts import.
+COMMAND_PARTS = {
+    "analysis_plots": "analysis", "description": "analysis",
+    "ensemble_training": "training", "training_setup": "training", "training_evaluation": "training",
+}
 
 
 def is_type_checking(node: ast.If) -> bool:
@@ -122,7 +128,9 @@ def test_imports_run_from_higher_layers_to_lower_ones_only():
                 continue
             if LAYERS[target] > layer:
                 wrong.append(f"{module} ({LAYER_NAMES[layer]}) imports {target} ({LAYER_NAMES[LAYERS[target]]})")
-            elif layer == COMMANDS and LAYERS[target] == COMMANDS and COMMAND_PARTS.get(target) != module:
+            elif layer == COMMANDS and LAYERS[target] == COMMANDS and COMMAND_PARTS.get(target) not in (
+                module, COMMAND_PARTS.get(module)
+            ):
                 wrong.append(f"command {module} imports command {target}")
     assert not wrong, "\n".join(wrong)
 

@@ -10,7 +10,7 @@ import torch
 
 from soft_prompt.config import HATE_TEMPLATE, resolve_config
 from soft_prompt.tiny import demo_rows
-from soft_prompt.training import load_data_rows
+from soft_prompt.training_setup import load_data_rows
 from tests.conftest import load
 
 ROOT = Path(__file__).parent.parent

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from soft_prompt import training
+from soft_prompt import training_setup
 from soft_prompt.config import HATE_TEMPLATE
 from soft_prompt.tiny import save_tiny_model
 
@@ -83,7 +83,7 @@ def test_the_defaults_resume_bit_exactly(models, demo_rows_file, tmp_path, monke
     """The defaults here: --precision auto, the shared-prefix path (Llama has no dropout)."""
     reference = tmp_path / "reference"
     assert train.main(args(models["llama"], demo_rows_file, reference, "--epochs", "2")) == 0
-    original, calls = training.shared_prefix_loss, []
+    original, calls = training_setup.shared_prefix_loss, []
 
     def interrupt_at_fifth_micro_batch(model, *a, **k):
         if model.training:
@@ -92,10 +92,10 @@ def test_the_defaults_resume_bit_exactly(models, demo_rows_file, tmp_path, monke
                 os.kill(os.getpid(), signal.SIGINT)
         return original(model, *a, **k)
 
-    monkeypatch.setattr(training, "shared_prefix_loss", interrupt_at_fifth_micro_batch)
+    monkeypatch.setattr(training_setup, "shared_prefix_loss", interrupt_at_fifth_micro_batch)
     run = tmp_path / "run"
     assert train.main(args(models["llama"], demo_rows_file, run, "--epochs", "2")) == 130
-    monkeypatch.setattr(training, "shared_prefix_loss", original)
+    monkeypatch.setattr(training_setup, "shared_prefix_loss", original)
     assert json.loads((run / "last" / "training_state.json").read_text())["step"] == 3
     assert train.main(args(models["llama"], demo_rows_file, run, "--epochs", "2", "--resume", str(run))) == 0
     resumed, resumed_lines, config = run_files(run)

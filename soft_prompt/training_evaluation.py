@@ -5,18 +5,13 @@ the prompt `best/` holds."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .calibrate_model import fitted_calibration, model_label_scores, reference_calibration
 from .calibration import FIT_METRICS, calibration_record
 from .checkpoint import save_checkpoint, update_metadata
 from .evaluation import label_metrics, mean_eval_loss
 from .probe import probe
 from .templates import template_fields
-from .training_setup import log_metrics
-
-if TYPE_CHECKING:
-    from .training_setup import Run
+from .training_setup import Run, log_metrics
 
 
 def validation_label_metrics(run: Run) -> dict[str, float]:

@@ -34,10 +34,7 @@ import json, sys, time
 spawned = float(sys.argv[1])
 started = time.time()
 import soft_prompt.training as training
-try:
-    import soft_prompt.training_setup as setup_module
-except ImportError:  # a checkout from before setup had a module of its own
-    setup_module = training
+setup_module = sys.modules[training.setup.__module__]  # training_setup.py; training.py in older checkouts
 from soft_prompt.config import parse_args, resolve_config
 from soft_prompt.model import SoftPromptModel
 seconds = {"python and imports": time.time() - spawned}
@@ -55,6 +52,8 @@ class FirstStep(Exception):
 def first_step(self, *args, **kwargs):
     raise FirstStep
 SoftPromptModel.loss = first_step
+if hasattr(setup_module, "shared_prefix_loss"):  # the one-pass loss, the default path since it exists
+    setup_module.shared_prefix_loss = first_step
 try:
     training.train(resolve_config(parse_args(sys.argv[2:])))
 except FirstStep:
@@ -72,7 +71,10 @@ def time_startup(checkout: Path, train_args: list[str]) -> dict:
     code = f"PHASES = {PHASES!r}\n{CHILD}"
     with tempfile.TemporaryDirectory() as output_dir:
         command = [sys.executable, "-c", code, str(time.time()), *train_args, "--output-dir", output_dir]
-        result = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True, check=True)
+        result = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"error: the timed process of {checkout} exited with {result.returncode}: {last}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -355,10 +355,11 @@ def setup(config: TrainConfig, held: contextlib.ExitStack) -> Run:
     if world.is_main:
         open_metrics(metrics_path, kept_metrics)
     return Run(
-        config, world, device, output_dir, model, initial_weight, tokenizer.pad_token_id, train_examples,
-        eval_examples, optimizer, scaler, autocast, loss_fn, loss_fn is shared_prefix_loss, state, total_steps,
-        batches_per_epoch,
-        train_rows=train_rows, eval_rows=eval_rows,
+        config=config, world=world, device=device, output_dir=output_dir, model=model, initial_weight=initial_weight,
+        pad_token_id=tokenizer.pad_token_id, train_examples=train_examples, eval_examples=eval_examples,
+        optimizer=optimizer, scaler=scaler, autocast=autocast, loss_fn=loss_fn,
+        prompt_once=loss_fn is shared_prefix_loss, state=state, total_steps=total_steps,
+        batches_per_epoch=batches_per_epoch, train_rows=train_rows, eval_rows=eval_rows,
     )  # fmt: skip
 
 

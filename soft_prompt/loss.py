@@ -15,9 +15,16 @@ import torch
 # 2^26 logits per chunk, in the model's dtype (256 MiB in fp32, 128 MiB in bf16): large enough
 # for efficient matmuls, small beside the model.
 CHUNK_ELEMENTS = 1 << 26
-# The softmax runs on pieces of a chunk this size in fp32: on CPU a block under glibc's 32 MiB mmap
-# limit is reused from the heap, where a fresh mmap'd block pays a page fault per 4 KiB each time.
+# The softmax runs on pieces of a chunk this size (fp32, or fp64 for an fp64 model): on CPU a block
+# under glibc's 32 MiB mmap limit is reused from the heap, where a fresh mmap'd block pays a page
+# fault per 4 KiB each time.
 SOFTMAX_PIECE_BYTES = 1 << 22
+
+
+def softmax_piece_rows(vocab_size: int, dtype: torch.dtype) -> int:
+    """Rows of `[rows, vocab]` scores that fit SOFTMAX_PIECE_BYTES in the softmax's dtype, the
+    logits' `dtype` promoted to fp32 at least (at least one row)."""
+    return max(1, SOFTMAX_PIECE_BYTES // (vocab_size * torch.promote_types(dtype, torch.float32).itemsize))
 
 
 class _FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -67,16 +74,14 @@ def frozen_head_cross_entropy(
     """Mean next-token cross-entropy of `head(hidden)` `[N, vocab]` against `targets` `[N]`.
 
     Equals `F.cross_entropy(head(hidden).float(), targets)`, and its gradient w.r.t. `hidden`,
-    while holding at most `chunk_rows` rows of logits at a time, and `piece_rows` of them in fp32.
-    `head` must be frozen.
+    while holding at most `chunk_rows` rows of logits at a time, and `piece_rows` of them in fp32
+    (fp64 for an fp64 model). `head` must be frozen.
     """
     if head.weight.requires_grad:
         raise ValueError("frozen_head_cross_entropy needs a frozen LM head (requires_grad=False)")
     vocab_size = head.weight.shape[0]
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // vocab_size)
-    if piece_rows is None:
-        piece_rows = max(1, SOFTMAX_PIECE_BYTES // (vocab_size * 4))
     if torch.is_autocast_enabled(hidden.device.type):
         # Match what autocast would do to the head's matmul: compute it in the autocast dtype.
         dtype = torch.get_autocast_dtype(hidden.device.type)
@@ -85,6 +90,8 @@ def frozen_head_cross_entropy(
     else:
         weight, bias = head.weight, head.bias
         hidden = hidden.to(weight.dtype)
+    if piece_rows is None:
+        piece_rows = softmax_piece_rows(vocab_size, hidden.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
         total = _FrozenHeadCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows, piece_rows)
     return total / max(targets.numel(), 1)

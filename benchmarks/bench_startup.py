@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,8 @@ import json, sys, time
 spawned = float(sys.argv[1])
 started = time.time()
 import soft_prompt.training as training
-setup_module = sys.modules[training.setup.__module__]  # training_setup.py; training.py in older checkouts
+# where setup's phases live: training_setup.py; training.py in older checkouts (the oldest have no setup)
+setup_module = sys.modules[training.setup.__module__] if hasattr(training, "setup") else training
 from soft_prompt.config import parse_args, resolve_config
 from soft_prompt.model import SoftPromptModel
 seconds = {"python and imports": time.time() - spawned}
@@ -99,7 +101,7 @@ def main() -> None:
     phases = ["python and imports", *PHASES.values(), "other setup", "to the first step"]
     # absolute paths (model, data, checkouts) are printed relative to this checkout, so the report names no machine
     shown = {a: portable_path(a) for a in sys.argv[1:]}
-    command = " ".join(["python", "benchmarks/bench_startup.py"] + list(shown.values()))
+    command = " ".join(["python", "benchmarks/bench_startup.py"] + [shlex.quote(a) for a in shown.values()])  # --note has spaces
     lines = [
         f"# Startup: seconds before the first training step ({Path(args.model).name})", "", f"`{command}`", "",
         f"{os.cpu_count()} CPUs. Median over {args.repeats} fresh processes per checkout, run interleaved; "

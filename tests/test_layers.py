@@ -66,6 +66,12 @@ COMMAND_PARTS = {
 }
 
 
+def is_own_part(module: str, target: str) -> bool:
+    """Whether command `target` is a part of command `module`, or of the command `module` is a part of."""
+    owner = COMMAND_PARTS.get(target)
+    return owner is not None and owner in (module, COMMAND_PARTS.get(module))
+
+
 def is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
@@ -128,11 +134,17 @@ def test_imports_run_from_higher_layers_to_lower_ones_only():
                 continue
             if LAYERS[target] > layer:
                 wrong.append(f"{module} ({LAYER_NAMES[layer]}) imports {target} ({LAYER_NAMES[LAYERS[target]]})")
-            elif layer == COMMANDS and LAYERS[target] == COMMANDS and COMMAND_PARTS.get(target) not in (
-                module, COMMAND_PARTS.get(module)
-            ):
+            elif layer == COMMANDS and LAYERS[target] == COMMANDS and not is_own_part(module, target):
                 wrong.append(f"command {module} imports command {target}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_a_command_imports_its_own_parts_only():
+    assert is_own_part("training", "training_setup") and is_own_part("training_evaluation", "training_setup")
+    assert is_own_part("analysis", "analysis_plots") and is_own_part("description", "analysis_plots")
+    assert not is_own_part("inference", "training")  # two commands
+    assert not is_own_part("training_setup", "analysis_plots")  # another command's part
+    assert not is_own_part("training_setup", "training")  # a part does not import its command
 
 
 def test_no_import_cycles():

@@ -252,7 +252,6 @@ class Run:
     scaler: torch.amp.GradScaler
     autocast: Callable
     loss_fn: Callable[..., torch.Tensor]  # (model, input_ids, attention_mask, labels) -> the mean loss
-    prompt_once: bool  # loss_fn runs the prompt once per micro-batch (shared_prefix.py)
     state: TrainState
     total_steps: int
     batches_per_epoch: int
@@ -262,6 +261,11 @@ class Run:
     @property
     def metrics_path(self) -> Path:
         return self.output_dir / "metrics.jsonl"
+
+    @property
+    def prompt_once(self) -> bool:
+        """Whether `loss_fn` runs the prompt once per micro-batch (`shared_prefix.py`)."""
+        return self.loss_fn is shared_prefix_loss
 
 
 def check_label_setup(config: TrainConfig, eval_rows: list[dict], automatic: dict) -> None:
@@ -357,9 +361,8 @@ def setup(config: TrainConfig, held: contextlib.ExitStack) -> Run:
     return Run(
         config=config, world=world, device=device, output_dir=output_dir, model=model, initial_weight=initial_weight,
         pad_token_id=tokenizer.pad_token_id, train_examples=train_examples, eval_examples=eval_examples,
-        optimizer=optimizer, scaler=scaler, autocast=autocast, loss_fn=loss_fn,
-        prompt_once=loss_fn is shared_prefix_loss, state=state, total_steps=total_steps,
-        batches_per_epoch=batches_per_epoch, train_rows=train_rows, eval_rows=eval_rows,
+        optimizer=optimizer, scaler=scaler, autocast=autocast, loss_fn=loss_fn, state=state,
+        total_steps=total_steps, batches_per_epoch=batches_per_epoch, train_rows=train_rows, eval_rows=eval_rows,
     )  # fmt: skip
 
 

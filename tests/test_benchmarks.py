@@ -91,7 +91,6 @@ def test_bench_step_times_both_paths_on_the_same_batches(tmp_path):
     assert "| prompt pass alone | 1 x 4 |" in (tmp_path / "step-tiny-bloom-fp32.md").read_text()
 
 
-
 def test_bench_startup_stops_every_phase_at_the_first_step(tmp_path, demo_rows_file):
     # A tiny Llama trains on the shared-prefix path (the default): the timed process must stop at its
     # first step there too, and not train the whole run (which left "to the first step" unmeasured).
@@ -102,6 +101,7 @@ def test_bench_startup_stops_every_phase_at_the_first_step(tmp_path, demo_rows_f
                              "to the first step", "other setup"]
     assert all(value >= 0 for value in seconds.values())
     assert seconds["to the first step"] > seconds["python and imports"] + seconds["load tokenizer and model"]
+
 
 def test_bench_infer_generation_agrees_with_peft_uncached(tmp_path):
     run("bench_infer.py", tmp_path, "--rows", "8", "--max-new-tokens", "4", "--num-virtual-tokens", "4")

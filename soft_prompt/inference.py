@@ -303,22 +303,29 @@ def run(options: argparse.Namespace) -> None:
     checkpoints = checkpoint_names(options.checkpoint)
     device = "cpu" if options.engine == "vllm" else options.device  # vLLM takes only the prompts and E from it
     model = load_prompted_model(options.model, checkpoints, options.precision, device, options.strict)
+    engine = None
     if options.engine == "vllm":  # the one hand-over: vLLM generates and scores labels, all else stays the same
         from .serving import VllmModel
 
         try:
-            model = VllmModel(model, options.model, options.seed)
+            model = engine = VllmModel(model, options.model, options.seed)
         except ValueError as error:
             raise InferenceError(str(error)) from None
-    if not classifying:
-        check_room(model, options.max_new_tokens)
-    if classifying:
-        records, report = classify_command(model, rows, options)
-    else:
-        records, report = generate_command(model, rows, options)
-    print(report)
-    if options.output:
-        write_output(options.output, "".join(json.dumps(record) + "\n" for record in records))
+    try:
+        if not classifying:
+            check_room(model, options.max_new_tokens)
+        if classifying:
+            records, report = classify_command(model, rows, options)
+        else:
+            records, report = generate_command(model, rows, options)
+        print(report)
+        if options.output:
+            write_output(options.output, "".join(json.dumps(record) + "\n" for record in records))
+    finally:
+        if engine is not None:
+            # Now, while Python is whole: left to the interpreter's exit, vLLM's shutdown races the
+            # finalisation and now and then aborts the process (SIGABRT) after the results are out.
+            engine.close()
 
 
 def generate_command(model: SoftPromptModel, rows: list, options: argparse.Namespace) -> tuple[list[dict], str]:

@@ -121,7 +121,7 @@ class VllmModel:
     `model` supplies the prompts, their metadata, the tokenizer and the input embedding; vLLM
     loads the frozen model `model_name` itself, in `model`'s dtype. `seed` seeds sampling;
     `engine_args` go to `vllm.LLM` (default `EAGER`). A script that builds one needs an
-    `if __name__ == "__main__":` guard: the engine starts processes.
+    `if __name__ == "__main__":` guard (the engine starts processes) and calls `close` at its end.
     """
 
     def __init__(self, model: SoftPromptModel, model_name: str, seed: int | None = None, **engine_args) -> None:
@@ -148,7 +148,8 @@ class VllmModel:
     classify = SoftPromptModel.classify
 
     def close(self) -> None:
-        """Stop the engine's processes now (else they stop when this process exits)."""
+        """Stop the engine's processes and threads now. Call it before the script ends: left to the
+        interpreter's exit, vLLM's shutdown now and then aborts the process (docs/serving.md)."""
         self.llm.llm_engine.engine_core.shutdown()
 
     @property

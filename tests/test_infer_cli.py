@@ -14,8 +14,9 @@ import torch
 import infer
 from soft_prompt import SoftPromptModel
 from soft_prompt.config import HATE_TEMPLATE
+from soft_prompt import serving
 from soft_prompt.evaluation import label_metrics
-from soft_prompt.inference import generate_texts
+from soft_prompt.inference import generate_texts, run
 from soft_prompt.runtime import load_prompted_model
 from soft_prompt.tiny import demo_rows, save_tiny_model
 from tests.conftest import load
@@ -137,6 +138,43 @@ def test_inference_caps_onednn_kernel_cache_unless_the_environment_sets_it(bloom
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
     assert infer.main(["--model", bloom_dir, "--checkpoint", checkpoint, "--input", "the cat", "--max-new-tokens", "2"]) == 0
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
+
+
+class RecordingEngine:
+    """Stands in for serving.VllmModel: the wrapped torch model does the work; `close` is counted
+    and `generate` can be made to fail."""
+
+    closed = 0
+    fail = False
+
+    def __init__(self, model: SoftPromptModel, model_name: str, seed: int | None) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def generate(self, *args, **kwargs) -> torch.Tensor:
+        if RecordingEngine.fail:
+            raise RuntimeError("engine died")
+        return self.model.generate(*args, **kwargs)
+
+    def close(self) -> None:
+        RecordingEngine.closed += 1
+
+
+def test_engine_vllm_is_closed_before_run_returns_or_raises(bloom_dir, checkpoint, monkeypatch, capsys):
+    """infer.py --engine vllm stops the engine itself: left to the interpreter's exit, vLLM's
+    shutdown aborted the process now and then after the results were written."""
+    monkeypatch.setattr(serving, "VllmModel", RecordingEngine)
+    monkeypatch.setattr(RecordingEngine, "closed", 0)
+    options = infer.parse_args(["--model", bloom_dir, "--checkpoint", checkpoint, "--input", "the cat", "--max-new-tokens", "2"])
+    options.engine = "vllm"  # set after parsing: parse_args refuses it where vLLM is not installed
+    run(options)
+    assert RecordingEngine.closed == 1 and "tuned:" in capsys.readouterr().out
+    monkeypatch.setattr(RecordingEngine, "fail", True)
+    with pytest.raises(RuntimeError, match="engine died"):
+        run(options)
+    assert RecordingEngine.closed == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")

@@ -74,7 +74,8 @@ class PeakMemory:
 
 
 def load_rows(path: str | None, num_rows: int, longest: bool = False) -> tuple[list[dict], str]:
-    """The first `num_rows` rows (generated ones without `path`), or with `longest` the longest
+    """The first `num_rows` rows (generated ETHOS-shaped ones without `path`) and their template,
+    ETHOS-shaped (text, label_text) or prompts-shaped (act, prompt); with `longest` the longest
     rows, repeated if need be, to measure the memory of the worst batch."""
     if path is None:
         from soft_prompt.tiny import demo_rows
@@ -83,7 +84,12 @@ def load_rows(path: str | None, num_rows: int, longest: bool = False) -> tuple[l
     else:
         with open(path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        template = HATE_TEMPLATE if "text" in rows[0] else PROMPTS_TEMPLATE
+        if {"text", "label_text"} <= rows[0].keys():
+            template = HATE_TEMPLATE
+        elif {"act", "prompt"} <= rows[0].keys():
+            template = PROMPTS_TEMPLATE
+        else:
+            raise ValueError(f"{path}: rows need text+label_text or act+prompt columns, got {sorted(rows[0])}")
     if longest:
         from soft_prompt.templates import fill_template
 

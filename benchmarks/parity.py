@@ -36,14 +36,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling  # noqa: E402
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_train, also when loaded from a file path
+from bench_train import load_rows, load_tokenizer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from soft_prompt import SoftPromptModel  # noqa: E402
 from soft_prompt.checkpoint import PROMPT_KEY, WEIGHTS_NAME  # noqa: E402
-from soft_prompt.config import HATE_TEMPLATE, TASKS, resolve_config  # noqa: E402
+from soft_prompt.config import resolve_config  # noqa: E402
 from soft_prompt.data import Example, batch_order, collate  # noqa: E402
 from soft_prompt.embedding import text_init_ids  # noqa: E402
 from soft_prompt.files import portable_path  # noqa: E402
@@ -52,7 +54,6 @@ from soft_prompt.training import train  # noqa: E402
 from soft_prompt.training_setup import load_data_rows, tokenize_data  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-PROMPTS_TEMPLATE = TASKS["prompts"]["template"]
 INIT_TEXT = "Is this hate speech?"  # shorter than the prompt on every tokenizer here: the fill shows
 # The tutorial's generation inputs: one prompts-task opening and two ETHOS-style sentences.
 GENERATION_INPUTS = [
@@ -135,32 +136,10 @@ def load_base(model_dir: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     return model
 
 
-def load_rows(path: str | None, num_rows: int) -> tuple[list[dict], str]:
-    """Rows and their template: ETHOS-shaped (text, label_text) or prompts-shaped (act, prompt)."""
-    if path is None:
-        from soft_prompt.tiny import demo_rows
-
-        return demo_rows(num_rows), HATE_TEMPLATE
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()][:num_rows]
-    if {"text", "label_text"} <= rows[0].keys():
-        return rows, HATE_TEMPLATE
-    if {"act", "prompt"} <= rows[0].keys():
-        return rows, PROMPTS_TEMPLATE
-    raise ValueError(f"{path}: rows need text+label_text or act+prompt columns, got {sorted(rows[0])}")
-
-
-def tokenizer_for(model_dir: str):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+def make_setup(args: argparse.Namespace, model_dir: str, name: str) -> Setup:
+    tokenizer = load_tokenizer(model_dir)
     # Right padding: prompt, text and padding then sit at the same positions on both sides.
     tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def make_setup(args: argparse.Namespace, model_dir: str, name: str) -> Setup:
-    tokenizer = tokenizer_for(model_dir)
     rows, template = load_rows(args.data, args.steps * args.batch_size)
     # The tutorial's preprocessing: tokenizer(text) with its defaults, truncated.
     examples = [

@@ -323,8 +323,9 @@ def run(options: argparse.Namespace) -> None:
             write_output(options.output, "".join(json.dumps(record) + "\n" for record in records))
     finally:
         if engine is not None:
-            # Now, while Python is whole: left to the interpreter's exit, vLLM's shutdown races the
-            # finalisation and now and then aborts the process (SIGABRT) after the results are out.
+            # Now, while Python is whole: left to the interpreter's exit, vLLM's shutdown runs with
+            # two of its daemon threads still live during finalisation, and now and then the
+            # process aborts (SIGABRT) after the results are out.
             engine.close()
 
 

@@ -146,19 +146,21 @@ def main() -> None:
 
     model, load_seconds = timed(lambda: load_prompted_model(args.model, args.checkpoint, "fp32", "cpu"))
     engine, engine_seconds = timed(lambda: VllmModel(model, args.model))
-    data_rows = read_json_lines(args.data)
-    inputs = equal_length_inputs(model.tokenizer, data_rows, args.gen_rows, INPUT_TOKENS)
-    peft_model = peft_twin(args.model, model.prompt.weight.detach())
-    figures = {
-        "model": args.name or Path(args.model).name, "data": Path(args.data).name, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__, "vllm": vllm.__version__, "transformers": transformers.__version__,
-        "virtual_tokens": model.num_virtual_tokens, "gen_rows": args.gen_rows, "new_tokens": args.new_tokens,
-        "score_rows": min(args.rows, len(data_rows)),
-        "startup_seconds": {"vLLM engine (VllmModel, no torch.compile)": engine_seconds, "ours (load_model with the prompt)": load_seconds},
-    }
-    figures["generation"] = generation(engine, model, peft_model, inputs, args.new_tokens, args.batch_size)
-    figures["scoring"] = scoring(engine, model, peft_model, data_rows[: args.rows], args.batch_size)
-    engine.close()
+    try:
+        data_rows = read_json_lines(args.data)
+        inputs = equal_length_inputs(model.tokenizer, data_rows, args.gen_rows, INPUT_TOKENS)
+        peft_model = peft_twin(args.model, model.prompt.weight.detach())
+        figures = {
+            "model": args.name or Path(args.model).name, "data": Path(args.data).name, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "torch": torch.__version__, "vllm": vllm.__version__, "transformers": transformers.__version__,
+            "virtual_tokens": model.num_virtual_tokens, "gen_rows": args.gen_rows, "new_tokens": args.new_tokens,
+            "score_rows": min(args.rows, len(data_rows)),
+            "startup_seconds": {"vLLM engine (VllmModel, no torch.compile)": engine_seconds, "ours (load_model with the prompt)": load_seconds},
+        }
+        figures["generation"] = generation(engine, model, peft_model, inputs, args.new_tokens, args.batch_size)
+        figures["scoring"] = scoring(engine, model, peft_model, data_rows[: args.rows], args.batch_size)
+    finally:
+        engine.close()  # before the interpreter's exit, also on an error (docs/serving.md)
     stem = f"vllm-{figures['model'].lower()}"
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

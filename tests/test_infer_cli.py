@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import infer
-from soft_prompt import SoftPromptModel
+from soft_prompt import SoftPromptModel, serving
 from soft_prompt.config import HATE_TEMPLATE
-from soft_prompt import serving
 from soft_prompt.evaluation import label_metrics
 from soft_prompt.inference import generate_texts, run
 from soft_prompt.runtime import load_prompted_model

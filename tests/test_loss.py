@@ -45,12 +45,12 @@ def test_chunks_and_pieces_do_not_change_the_result():
         torch.testing.assert_close(grad, 3 * reference_grad, rtol=1e-5, atol=1e-7)
 
 
-
 def test_softmax_pieces_hold_4_mib_of_scores_in_the_softmax_dtype():
     # bf16 and fp32 logits are scored in fp32 (4 bytes), fp64 ones in fp64 (8 bytes): half the rows.
     assert softmax_piece_rows(49152, torch.bfloat16) == softmax_piece_rows(49152, torch.float32) == 21
     assert softmax_piece_rows(49152, torch.float64) == 10
     assert softmax_piece_rows(2**21, torch.float32) == 1  # a vocabulary over 4 MiB still gets one row
+
 
 def test_bf16_autocast_is_close_to_fp32(bloom):
     model, tokenizer = bloom

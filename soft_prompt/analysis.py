@@ -41,6 +41,7 @@ from .masks import IGNORE_INDEX
 from .model import SoftPromptModel
 from .runtime import load_prompted_model, pick_device
 from .templates import template_fields
+from .training_state import METRICS_FILE
 
 SPECIAL = "special"  # the tokenizer's special tokens (<|im_end|>, <pad>, ...), whatever letters they hold
 
@@ -434,7 +435,7 @@ def run(options: argparse.Namespace) -> dict:
     model.eval()
     if options.describe:
         layer_grid(model.base_model.config.num_hidden_layers, options.layers)  # bad --layers before the work
-    metrics_file = Path(options.checkpoint).parent / "metrics.jsonl"
+    metrics_file = Path(options.checkpoint).parent / METRICS_FILE
     initial_prompt = load_initial_prompt(options.checkpoint)
     figures = analyze(
         model,

@@ -44,7 +44,7 @@ from .model import SoftPromptModel
 from .reparam import reparam_files, reparam_of
 from .training_evaluation import calibrate_best, evaluate_and_keep_best, log_probe, patience_spent
 from .training_setup import Run, log_metrics, setup
-from .training_state import STATE_JSON, training_state_files
+from .training_state import METRICS_FILE, STATE_JSON, training_state_files
 
 
 class TrainingDiverged(RuntimeError):
@@ -123,7 +123,7 @@ def write_loss_curve(output_dir: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (output_dir / METRICS_FILE).read_text().splitlines()]
     train = [(line["step"], line["loss"]) for line in lines if "loss" in line]
     evals = [(line["step"], line["eval_loss"]) for line in lines if "eval_loss" in line]
     figure, axes = plt.subplots(figsize=(7, 4))

@@ -33,6 +33,7 @@ from .runtime import DTYPES, apply_speed_options, limit_kernel_cache, load_base_
 from .shared_prefix import shared_prefix_loss, shared_prefix_supported
 from .templates import label_words_of, template_fields
 from .training_state import (
+    METRICS_FILE,
     TrainState,
     check_resume_rows,
     check_resume_settings,
@@ -260,7 +261,7 @@ class Run:
 
     @property
     def metrics_path(self) -> Path:
-        return self.output_dir / "metrics.jsonl"
+        return self.output_dir / METRICS_FILE
 
     @property
     def prompt_once(self) -> bool:
@@ -325,7 +326,7 @@ def setup(config: TrainConfig, held: contextlib.ExitStack) -> Run:
     model, initial_weight = build_soft_prompt_model(config, base_model, tokenizer, resume_dir, resumed["step"] if resumed else None)
     check_fits_context(train_examples + eval_examples, prompt_cfg.num_virtual_tokens, model.context_length)
     loss_fn, automatic["loss_path"] = training_loss(model, model_cfg.shared_prefix)
-    metrics_path = output_dir / "metrics.jsonl"
+    metrics_path = output_dir / METRICS_FILE
     kept_metrics = metrics_up_to(metrics_path, resumed["step"]) if resumed else None
 
     # Every input is accepted: from here on the run folder is written.

@@ -26,6 +26,8 @@ from .files import json_bytes
 from .data import Example, read_lines
 
 STATE_JSON = "training_state.json"
+# A run folder's log, beside last/ and best/: one JSON line per logged step, evaluation and probe.
+METRICS_FILE = "metrics.jsonl"
 STATE_TENSORS = "training_state.safetensors"
 # What `training_state_files` writes into STATE_JSON beside the loop's counters (TrainState's fields).
 STATE_EXTRA_KEYS = frozenset({"scaler", "rng_python", "rng_numpy"})

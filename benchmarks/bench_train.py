@@ -106,6 +106,16 @@ def tokenised_rows(tokenizer, rows: list[dict], template: str, max_length: int) 
     return [row_ids + [tokenizer.eos_token_id] for row_ids in ids]
 
 
+def load_tokenizer(model_dir: str):
+    """The model's tokenizer, padding with eos where it has no pad token (as the tutorial does)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def run_peft(args, model, tokenizer, token_rows, use_trainer: bool) -> dict:
     """PEFT's prompt tuning, trained by HF Trainer with the tutorial's collator, or by a plain loop."""
     from datasets import Dataset
@@ -319,15 +329,6 @@ def run_side(args) -> dict:
         # the harness's own work after training (scoring, counting), taken out of the process's time
         "seconds_after_training": time.perf_counter() - trained,
     }
-
-
-def load_tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def train_once(args, rows: list[dict], template: str, tokenizer, token_rows: list[list[int]]) -> tuple[dict, float, PeakMemory]:

@@ -1,6 +1,7 @@
 """benchmarks/linear_probe.py: the features equal each text's own unpadded hidden states, the
 logistic regression reaches its optimum, the choice is the best on validation rows (the split of
---task classify), and the test rows are scored with that choice alone."""
+--task classify), cross-validation predicts each row from a fit without it, and the test rows are
+scored with that choice alone."""
 
 import json
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from soft_prompt.config import HATE_TEMPLATE, resolve_config
+from soft_prompt.evaluation import label_metrics
 from soft_prompt.tiny import demo_rows
 from soft_prompt.training_setup import load_data_rows
 from tests.conftest import load
@@ -60,6 +62,7 @@ def test_chooses_on_validation_and_scores_the_test_rows_once(bloom_dir, tmp_path
                              "label_words": labels, "val_fraction": 0.2, "seed": 3})
     assert result["chosen"]["validation"]["count"] == len(load_data_rows(config)[1]) == 8  # train.py's own split
     assert result["test"]["count"] == 40
+    assert result["cross_validated"]["count"] == 40  # the whole --data file, both parts of the split
     assert "| 3 | " in (tmp_path / "out" / "linear-probe.md").read_text()
     assert (tmp_path / "out" / "linear-probe.png").read_bytes().startswith(b"\x89PNG")
 
@@ -76,3 +79,19 @@ def test_bad_input_is_one_line_and_exit_code_2(bloom_dir, tmp_path, capsys):
                            (["--template", "Text : {sentence} Label : {label_text}"], "{sentence} is not a column")):
         assert linear_probe.main(["--model", bloom_dir, "--data", str(rows), "--output-dir", str(tmp_path / "out"), *flags]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_cross_validation_predicts_each_row_from_a_fit_without_it():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(9, 4, generator=generator)
+    gold = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1])
+    labels = ["no", "yes"]
+    predicted = []
+    for i in range(len(gold)):  # leave one out, by hand: the fold assignment cannot matter
+        keep = torch.arange(len(gold)) != i
+        train, held = linear_probe.standardised(features[keep], features[i : i + 1])
+        weight, bias = linear_probe.fit_logistic(train, gold[keep], 2, 0.1)
+        predicted.append(labels[(held.double() @ weight + bias).argmax(1).item()])
+    expected = label_metrics([labels[i] for i in gold.tolist()], predicted, labels)
+    assert linear_probe.cross_validated(features, gold, labels, 0.1, folds=9, seed=5) == expected
+    assert linear_probe.cross_validated(features, gold, labels, 0.1, folds=3, seed=5)["count"] == 9

@@ -143,9 +143,10 @@ def write_report(output_dir: Path, options: argparse.Namespace, argv: list[str],
              f"Features: each layer's hidden state at the last token or the mean over the tokens of the text before the "
              f"label; an L2-regularised logistic regression (penalties {', '.join(map(str, L2_PENALTIES))}) per setting, "
              f"chosen by validation macro-F1 on the split of `train.py --task classify --val-fraction {options.val_fraction}` "
-             f"with each seed; the test rows scored once, with the chosen setting. Cross-validated: the chosen setting's "
-             f"out-of-fold predictions over the whole --data file ({options.folds} folds, training and validation rows alike), "
-             f"an estimate of unseen rows' accuracy that rests on all of them instead of the validation rows alone.", "",
+             f"with each seed; the test rows scored once, with the chosen setting."
+             + (f" Cross-validated: the chosen setting's out-of-fold predictions over the whole --data file ({options.folds} "
+                f"folds, training and validation rows alike), an estimate of unseen rows' accuracy that rests on all of them "
+                f"instead of the validation rows alone." if options.folds else ""), "",
              "| seed | chosen (pooling, layer, l2) | validation accuracy | validation macro-F1 | cross-validated accuracy | "
              "cross-validated macro-F1 | test accuracy | test macro-F1 |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -212,7 +213,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def probe(options: argparse.Namespace, argv: list[str]) -> None:
     """Features, then every seed's choice and test figures, then the report."""
     check_output_folder(options.output_dir, f"--output-dir {options.output_dir}")  # before minutes of features
+    if options.folds < 0 or options.folds == 1:
+        raise ValueError(f"--folds {options.folds}: give 2 or more folds, or 0 for no cross-validation")
     train_rows_all = load_rows(options.data)
+    if options.folds > len(train_rows_all):
+        raise ValueError(f"--folds {options.folds}: {options.data} has only {len(train_rows_all)} rows to cross-validate")
     test_rows = load_rows(options.test_data) if options.test_data else None
     labels = options.label_words or label_words_of(options.template, train_rows_all)
     if not labels:

@@ -76,7 +76,8 @@ def test_bad_input_is_one_line_and_exit_code_2(bloom_dir, tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(10)))
     for flags, message in ((["--label-words", "yes", "no"], "not among the label words"),
-                           (["--template", "Text : {sentence} Label : {label_text}"], "{sentence} is not a column")):
+                           (["--template", "Text : {sentence} Label : {label_text}"], "{sentence} is not a column"),
+                           (["--folds", "1"], "give 2 or more folds"), (["--folds", "11"], "only 10 rows")):
         assert linear_probe.main(["--model", bloom_dir, "--data", str(rows), "--output-dir", str(tmp_path / "out"), *flags]) == 2
         assert message in capsys.readouterr().err
 

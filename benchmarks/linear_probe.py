@@ -85,6 +85,14 @@ def standardised(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tenso
     return [(part - mean) / std for part in (train, *others)]
 
 
+def fitted_predictions(train: torch.Tensor, gold: torch.Tensor, rows: torch.Tensor, num_labels: int, l2: float) -> torch.Tensor:
+    """The label index `[M]` of each of `rows` `[M, D]`, by a regression fitted on `train` `[N, D]`
+    and its `gold` labels `[N]`, both scaled by the training part's statistics."""
+    train, rows = standardised(train, rows)
+    weight, bias = fit_logistic(train, gold, num_labels, l2)
+    return (rows.double() @ weight + bias).argmax(1)
+
+
 def cross_validated(features: torch.Tensor, gold: torch.Tensor, labels: list[str], l2: float, folds: int, seed: int) -> dict:
     """Label metrics of out-of-fold predictions: the rows `[N, D]` cut into `folds` parts at
     random (seeded), each part predicted by a fit on the others. An estimate of what a setting
@@ -93,9 +101,7 @@ def cross_validated(features: torch.Tensor, gold: torch.Tensor, labels: list[str
     predicted = torch.empty_like(gold)
     for part in range(folds):
         held_out = fold == part
-        train, held = standardised(features[~held_out], features[held_out])
-        weight, bias = fit_logistic(train, gold[~held_out], len(labels), l2)
-        predicted[held_out] = (held.double() @ weight + bias).argmax(1)
+        predicted[held_out] = fitted_predictions(features[~held_out], gold[~held_out], features[held_out], len(labels), l2)
     return label_metrics([labels[i] for i in gold.tolist()], [labels[i] for i in predicted.tolist()], labels)
 
 
@@ -111,9 +117,8 @@ def probe_seed(features: dict[str, torch.Tensor], index: dict[str, int], parts: 
     layers = next(iter(features.values())).shape[1]
     grid = list(itertools.product(POOLINGS, range(layers), L2_PENALTIES))
     for pooling, layer, l2 in tqdm(grid, desc="fits", unit="fit", leave=False):
-        train, val = standardised(*(features[pooling][rows_of[name], layer] for name in ("train", "val")))
-        weight, bias = fit_logistic(train, gold_of["train"], len(labels), l2)
-        predicted = [labels[i] for i in (val.double() @ weight + bias).argmax(1).tolist()]
+        train, val = (features[pooling][rows_of[name], layer] for name in ("train", "val"))
+        predicted = [labels[i] for i in fitted_predictions(train, gold_of["train"], val, len(labels), l2).tolist()]
         figures = label_metrics([labels[i] for i in gold_of["val"].tolist()], predicted, labels)
         settings.append({"pooling": pooling, "layer": layer, "l2": l2, "validation": figures})
     chosen = max(settings, key=lambda s: (s["validation"]["macro_f1"], s["validation"]["accuracy"]))
@@ -126,9 +131,8 @@ def probe_seed(features: dict[str, torch.Tensor], index: dict[str, int], parts: 
                                                     torch.cat([gold_of["train"], gold_of["val"]]), labels, chosen["l2"], folds, seed)
     if test_rows is not None:
         test_index = [index[split_template(template, row)[0]] for row in test_rows]
-        train, test = standardised(*(features[chosen["pooling"]][rows, chosen["layer"]] for rows in (rows_of["train"], test_index)))
-        weight, bias = fit_logistic(train, gold_of["train"], len(labels), chosen["l2"])
-        predicted = [labels[i] for i in (test.double() @ weight + bias).argmax(1).tolist()]
+        train, test = (features[chosen["pooling"]][rows, chosen["layer"]] for rows in (rows_of["train"], test_index))
+        predicted = [labels[i] for i in fitted_predictions(train, gold_of["train"], test, len(labels), chosen["l2"]).tolist()]
         result["test"] = label_metrics([str(row[last]) for row in test_rows], predicted, labels)
     return result
 

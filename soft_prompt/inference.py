@@ -312,11 +312,10 @@ def run(options: argparse.Namespace) -> None:
         except ValueError as error:
             raise InferenceError(str(error)) from None
     try:
-        if not classifying:
-            check_room(model, options.max_new_tokens)
         if classifying:
             records, report = classify_command(model, rows, options)
         else:
+            check_room(model, options.max_new_tokens)
             records, report = generate_command(model, rows, options)
         print(report)
         if options.output:

@@ -4,6 +4,7 @@ logistic regression reaches its optimum, the choice is the best on validation ro
 scored with that choice alone."""
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from soft_prompt.config import HATE_TEMPLATE, resolve_config
 from soft_prompt.evaluation import label_metrics
+from soft_prompt.files import portable_path
 from soft_prompt.tiny import demo_rows
 from soft_prompt.training_setup import load_data_rows
 from tests.conftest import load
@@ -49,8 +51,10 @@ def test_chooses_on_validation_and_scores_the_test_rows_once(bloom_dir, tmp_path
     rows = demo_rows(40)
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert linear_probe.main(["--model", bloom_dir, "--data", str(data), "--test-data", str(data), "--seeds", "3",
-                              "--output-dir", str(tmp_path / "out")]) == 0
+    template = 'Sentence :\n"{text}" Label : {label_text}'  # a newline and quotes, as in a chat format
+    argv = ["--model", bloom_dir, "--data", str(data), "--test-data", str(data), "--seeds", "3", "--template", template,
+            "--output-dir", str(tmp_path / "out")]
+    assert linear_probe.main(argv) == 0
     result = json.loads((tmp_path / "out" / "linear-probe.json").read_text())["results"]["3"]
     settings = result["settings"]
     layers = load(bloom_dir)[0].config.n_layer + 1
@@ -63,7 +67,10 @@ def test_chooses_on_validation_and_scores_the_test_rows_once(bloom_dir, tmp_path
     assert result["chosen"]["validation"]["count"] == len(load_data_rows(config)[1]) == 8  # train.py's own split
     assert result["test"]["count"] == 40
     assert result["cross_validated"]["count"] == 40  # the whole --data file, both parts of the split
-    assert "| 3 | " in (tmp_path / "out" / "linear-probe.md").read_text()
+    report = (tmp_path / "out" / "linear-probe.md").read_text()
+    assert "| 3 | " in report
+    command = report.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert shlex.split(command) == ["python", "benchmarks/linear_probe.py", *map(portable_path, argv)]  # reruns it
     assert (tmp_path / "out" / "linear-probe.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -145,14 +145,15 @@ def mean_sd_text(values: list[float]) -> str:
 def write_report(output_dir: Path, options: argparse.Namespace, argv: list[str], results: dict[int, dict]) -> None:
     # Quoted, in a fenced block: a --template holds spaces, quotes and newlines (a chat format).
     command = shlex.join(["python", "benchmarks/linear_probe.py", *(str(portable_path(arg)) for arg in argv)])
+    test_note = "the test rows scored once, with the chosen setting." if options.test_data else "no test rows given."
+    folds_note = (f" Cross-validated: the chosen setting's out-of-fold predictions over the whole --data file ({options.folds} "
+                  f"folds, training and validation rows alike), an estimate of unseen rows' accuracy that rests on all of them "
+                  f"instead of the validation rows alone." if options.folds else "")
     lines = [f"# Linear probe on the frozen model ({portable_path(options.model)})", "", "```bash", command, "```", "",
              f"Features: each layer's hidden state at the last token or the mean over the tokens of the text before the "
              f"label; an L2-regularised logistic regression (penalties {', '.join(map(str, L2_PENALTIES))}) per setting, "
              f"chosen by validation macro-F1 on the split of `train.py --task classify --val-fraction {options.val_fraction}` "
-             f"with each seed; " + ("the test rows scored once, with the chosen setting." if options.test_data else "no test rows given.")
-             + (f" Cross-validated: the chosen setting's out-of-fold predictions over the whole --data file ({options.folds} "
-                f"folds, training and validation rows alike), an estimate of unseen rows' accuracy that rests on all of them "
-                f"instead of the validation rows alone." if options.folds else ""), "",
+             f"with each seed; {test_note}{folds_note}", "",
              "| seed | chosen (pooling, layer, l2) | validation accuracy | validation macro-F1 | cross-validated accuracy | "
              "cross-validated macro-F1 | test accuracy | test macro-F1 |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -176,12 +176,10 @@ def write_report(output_dir: Path, options: argparse.Namespace, argv: list[str],
 def write_plot(output_dir: Path, results: dict[int, dict]) -> None:
     """linear-probe.png: validation macro-F1 by layer, at each layer's best penalty, per pooling
     (mean and range over the seeds): where in the model the label is most linearly readable."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.5, 3.5))
+    figure = Figure(figsize=(6.5, 3.5))
+    axes = figure.subplots()
     for pooling in POOLINGS:
         per_seed = []
         for result in results.values():
@@ -199,7 +197,6 @@ def write_plot(output_dir: Path, results: dict[int, dict]) -> None:
     axes.legend(fontsize=8)
     figure.tight_layout()
     write_atomic(output_dir / "linear-probe.png", png_bytes(figure, dpi=90))
-    plt.close(figure)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

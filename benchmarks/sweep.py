@@ -439,14 +439,12 @@ def write_tables(output_dir: Path, results: list[dict], options_setting: dict, r
 def write_plots(output_dir: Path, results: list[dict], rows: list[dict]) -> None:
     """validation.png: each recipe's validation macro-F1 at its own scoring and at its best variant
     (mean ± sd over the seeds); loss_curves.png: the train loss of the three best cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     recipes = list(dict.fromkeys(row["recipe"] for row in rows))
     if recipes:
-        figure, axes = plt.subplots(figsize=(6.5, 0.5 + 0.45 * len(recipes)))
+        figure = Figure(figsize=(6.5, 0.5 + 0.45 * len(recipes)))
+        axes = figure.subplots()
         for offset, pick, color, text in ((-0.2, lambda rs: next(r for r in rs if r["own"]), "tab:gray", "own scoring"),
                                           (0.2, choose, "tab:blue", "best scoring variant")):
             picked = [pick([row for row in rows if row["recipe"] == recipe]) for recipe in recipes]
@@ -459,9 +457,9 @@ def write_plots(output_dir: Path, results: list[dict], rows: list[dict]) -> None
         axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         figure.tight_layout()
         figure.savefig(output_dir / "validation.png", dpi=90)
-        plt.close(figure)
 
-    figure, axes = plt.subplots(figsize=(6.5, 4))
+    figure = Figure(figsize=(6.5, 4))
+    axes = figure.subplots()
     for r in sorted(results, key=lambda r: -r["variants"][r["own_variant"]]["macro_f1"])[:3]:
         run_dir = output_dir / "runs" / r["name"]
         metrics = run_dir / "metrics.jsonl" if (run_dir / "metrics.jsonl").is_file() else run_dir / "prompt-0" / "metrics.jsonl"
@@ -474,7 +472,6 @@ def write_plots(output_dir: Path, results: list[dict], rows: list[dict]) -> None
     axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(output_dir / "loss_curves.png", dpi=90)
-    plt.close(figure)
 
 
 # -- the sweep ------------------------------------------------------------------------------------

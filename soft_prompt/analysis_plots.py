@@ -1,25 +1,24 @@
-"""The figures of `analysis.analyze` as PNGs (matplotlib, Agg): norms against the vocabulary's,
-the pairwise similarity heatmap, ablation bars, attention per layer beside its chance levels, the
-drift over training, the `--probe` scripts over training and the descriptions' scores by layer pair."""
+"""The figures of `analysis.analyze` as PNGs: norms against the vocabulary's, the pairwise
+similarity heatmap, ablation bars, attention per layer beside its chance levels, the drift over
+training, the `--probe` scripts over training and the descriptions' scores by layer pair.
+
+Each is a matplotlib `Figure` of its own, not pyplot's: importing this module leaves the caller's
+backend and open figures as they were (a notebook's inline plots too)."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
-import matplotlib
+import matplotlib.ticker
+from matplotlib.figure import Figure
 
 from .files import make_folder, png_bytes, write_atomic
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
 
 
 def save(figure, path: Path) -> Path:
     figure.tight_layout()
     write_atomic(path, png_bytes(figure, dpi=80))
-    plt.close(figure)
     return path
 
 
@@ -31,7 +30,8 @@ def plot_norms(figures: dict, path: Path) -> Path:
     """Each virtual token's norm on the vocabulary's norm range (5-95% band, median line)."""
     vocabulary = figures["vocabulary_norms"]
     norms = [token["norm"] for token in figures["tokens"]]
-    figure, axes = plt.subplots(figsize=(7, 3.5))
+    figure = Figure(figsize=(7, 3.5))
+    axes = figure.subplots()
     axes.axhspan(vocabulary["p5"], vocabulary["p95"], color="gray", alpha=0.25, label="vocabulary 5-95%")
     axes.axhline(vocabulary["median"], color="gray", label="vocabulary median")
     axes.bar(range(len(norms)), norms, color="tab:blue", label="virtual token")
@@ -46,7 +46,8 @@ def plot_norms(figures: dict, path: Path) -> Path:
 
 def plot_similarity(figures: dict, path: Path) -> Path:
     """Cosine between every two virtual tokens."""
-    figure, axes = plt.subplots(figsize=(4.5, 4))
+    figure = Figure(figsize=(4.5, 4))
+    axes = figure.subplots()
     image = axes.imshow(figures["pairwise_cosine"], vmin=-1, vmax=1, cmap="RdBu_r")
     figure.colorbar(image, ax=axes, label="cosine")
     axes.set_xlabel("virtual token")
@@ -62,7 +63,8 @@ def plot_ablation(figures: dict, path: Path) -> Path:
     full = data["soft_prompt"]
     indices = [entry["index"] for entry in data["ablation"]]
     with_accuracy = "accuracy" in full
-    figure, panels = plt.subplots(2 if with_accuracy else 1, 1, figsize=(7, 5 if with_accuracy else 3), sharex=True, squeeze=False)
+    figure = Figure(figsize=(7, 5 if with_accuracy else 3))
+    panels = figure.subplots(2 if with_accuracy else 1, 1, sharex=True, squeeze=False)
     panels[0, 0].bar(indices, [entry["loss"] - full["loss"] for entry in data["ablation"]], color="tab:red")
     panels[0, 0].set_ylabel("loss change")
     panels[0, 0].axhline(0, color="black", linewidth=0.5)
@@ -83,7 +85,8 @@ def plot_attention(figures: dict, path: Path) -> Path:
     levels (dashed)."""
     shares = figures["data"]["attention_to_prompt"]
     layers = range(1, len(shares) + 1)
-    figure, axes = plt.subplots(figsize=(7, 3.5))
+    figure = Figure(figsize=(7, 3.5))
+    axes = figure.subplots()
     axes.plot(layers, shares, "o-", label="measured")
     for name, chance in figures.get("chance", {}).items():
         if chance.get("attention_to_prompt"):
@@ -100,7 +103,8 @@ def plot_drift(figures: dict, path: Path) -> Path:
     """Distance and mean cosine to the initial prompt over the training steps."""
     curve = figures["training"]
     steps = [line["step"] for line in curve]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    figure = Figure(figsize=(8, 3.2))
+    left, right = figure.subplots(1, 2)
     left.plot(steps, [line["prompt_distance"] for line in curve])
     left.set_ylabel("distance to the initial prompt")
     right.plot(steps, [line["prompt_cosine"] for line in curve], color="tab:orange")
@@ -116,7 +120,8 @@ def plot_probe_scripts(figures: dict, path: Path) -> Path:
     texts = [entry["text"] for entry in lines[0]["probe"]]
     steps = [line["step"] for line in lines]
     scripts = list(dict.fromkeys(script for line in lines for entry in line["probe"] for script in entry["scripts"]))
-    figure, panels = plt.subplots(len(texts), 1, figsize=(7, 2.4 * len(texts)), sharex=True, squeeze=False)
+    figure = Figure(figsize=(7, 2.4 * len(texts)))
+    panels = figure.subplots(len(texts), 1, sharex=True, squeeze=False)
     for row, text in enumerate(texts):
         axes = panels[row, 0]
         for script in scripts:
@@ -160,9 +165,8 @@ def plot_descriptions(result: dict, path: Path) -> Path:
     if not scores:
         raise ValueError("the descriptions have no scores to plot: no label words and no reference text")
     names = list(result["sources"])
-    figure, panels = plt.subplots(
-        len(scores), len(names), figsize=(3.2 * len(names), 3 * len(scores)), squeeze=False, sharex=True, sharey=True
-    )
+    figure = Figure(figsize=(3.2 * len(names), 3 * len(scores)))
+    panels = figure.subplots(len(scores), len(names), squeeze=False, sharex=True, sharey=True)
     for row, key in enumerate(scores):
         for column, name in enumerate(names):
             grid = [[None] * len(layers) for _ in layers]  # [source, target]
@@ -177,5 +181,4 @@ def plot_descriptions(result: dict, path: Path) -> Path:
             axes.set_ylabel("source layer")
         figure.colorbar(image, ax=panels[row].tolist(), shrink=0.8)
     write_atomic(path, png_bytes(figure, dpi=80))  # not save(): tight_layout fights the shared colorbars
-    plt.close(figure)
     return path

@@ -117,16 +117,16 @@ class StopRequest:
 def write_loss_curve(output_dir: Path) -> Path | None:
     """loss_curve.png from metrics.jsonl, or None when matplotlib is not installed."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A Figure of its own, not pyplot: the caller's backend and open figures stay as they were
+        # (a notebook's inline plots too).
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     lines = [json.loads(line) for line in (output_dir / METRICS_FILE).read_text().splitlines()]
     train = [(line["step"], line["loss"]) for line in lines if "loss" in line]
     evals = [(line["step"], line["eval_loss"]) for line in lines if "eval_loss" in line]
-    figure, axes = plt.subplots(figsize=(7, 4))
+    figure = Figure(figsize=(7, 4))
+    axes = figure.subplots()
     if train:
         axes.plot(*zip(*train), label="train loss", linewidth=1)
     if evals:
@@ -137,7 +137,6 @@ def write_loss_curve(output_dir: Path) -> Path | None:
     figure.tight_layout()
     path = output_dir / "loss_curve.png"
     write_atomic(path, png_bytes(figure, dpi=100))
-    plt.close(figure)
     return path
 
 

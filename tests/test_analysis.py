@@ -279,3 +279,28 @@ def test_analyze_describe_writes_every_pair_with_its_scores_and_the_controls(run
 def test_analyze_describe_bad_flags_are_one_line(run_dir, flags, message, capsys):
     assert analyze.main([str(run_dir / "run" / "last"), "--model", str(run_dir / "model"), "--device", "cpu", *flags]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {message}"  # after the model's loading bar for --layers
+
+
+def test_figures_keep_the_callers_matplotlib_backend(tmp_path):
+    # A notebook that trains or analyses keeps its inline backend: the figures are drawn on Figures
+    # of their own, where matplotlib.use("Agg") (on import of analysis_plots) switched it for good.
+    import importlib
+
+    import matplotlib
+
+    from soft_prompt import analysis_plots
+    from soft_prompt.training import write_loss_curve
+    from soft_prompt.training_state import METRICS_FILE
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        importlib.reload(analysis_plots)
+        figures = {"vocabulary_norms": {"p5": 0.5, "median": 1.0, "p95": 1.5}, "tokens": [{"norm": 1.2}, {"norm": 0.8}]}
+        norms = analysis_plots.plot_norms(figures, tmp_path / "norms.png")
+        (tmp_path / METRICS_FILE).write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5, "eval_loss": 1.7}\n')
+        curve = write_loss_curve(tmp_path)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(previous)
+    assert norms.read_bytes()[:8] == curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -69,7 +69,11 @@ class ModelConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute the frozen model's activations in the backward: less memory for long rows, more time"}
     )
-    compile: bool = field(default=False, metadata={"help": "torch.compile the frozen decoder (dynamic shapes; the first steps pay for compiling)"})
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each of the frozen decoder's blocks, one compile serving them all (dynamic "
+                          "shapes; the first steps pay for compiling)"},
+    )
     fsdp: bool = field(
         default=False,
         metadata={"help": "under torchrun: shard the frozen transformer blocks across the processes (FSDP2); "

@@ -98,8 +98,21 @@ def apply_speed_options(base_model, model_cfg: ModelConfig) -> str:
         # Non-reentrant checkpointing: the frozen weights need no grad, only the prompt's path does.
         base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if model_cfg.compile:
-        base_model.get_decoder().compile(dynamic=True)  # both loss() and forward() run through the decoder
+        # Each block compiled, not the decoder whole (PyTorch's "regional compilation"): the blocks
+        # share their code, so one compile serves all of them. Both loss() and forward() run
+        # through the decoder's blocks.
+        decoder = base_model.get_decoder()
+        for module in repeated_blocks(decoder) or [decoder]:
+            module.compile(dynamic=True)
     return attention
+
+
+def repeated_blocks(decoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder's transformer blocks: the longest `nn.ModuleList` among its children whose
+    modules are all of one class (Llama's `layers`, GPT-2's and BLOOM's `h`); empty if it has none."""
+    lists = [child for child in decoder.children() if isinstance(child, torch.nn.ModuleList) and len(child) > 0
+             and len({type(module) for module in child}) == 1]
+    return list(max(lists, key=len)) if lists else []
 
 
 def set_attention(base_model, attention: str, device_type: str, precision: str) -> str:

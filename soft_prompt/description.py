@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .chance import random_vectors_like
 from .model import SoftPromptModel
+from .runtime import decoder_layers
 
 DEFAULT_TARGET = (
     "Identify the sentiment of this review: positive or negative | Identify the type of this email: spam or not spam | "
@@ -45,16 +46,6 @@ GRID_POINTS = 8  # the default grid's layers per axis: 8 x 8 pairs, 3 sources (s
 
 
 # -- patching -----------------------------------------------------------------------------------
-
-
-def decoder_layers(base_model: nn.Module) -> nn.ModuleList:
-    """The frozen model's decoder layers, found generically: the outermost ModuleList with
-    `num_hidden_layers` modules (`model.layers` in Llama, `transformer.h` in GPT-2 and BLOOM)."""
-    num_layers = base_model.config.num_hidden_layers
-    for module in base_model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise ValueError(f"{type(base_model).__name__} has no list of {num_layers} decoder layers to patch")
 
 
 @contextlib.contextmanager

@@ -98,21 +98,26 @@ def apply_speed_options(base_model, model_cfg: ModelConfig) -> str:
         # Non-reentrant checkpointing: the frozen weights need no grad, only the prompt's path does.
         base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if model_cfg.compile:
-        # Each block compiled, not the decoder whole (PyTorch's "regional compilation"): the blocks
+        # Each layer compiled, not the decoder whole (PyTorch's "regional compilation"): the layers
         # share their code, so one compile serves all of them. Both loss() and forward() run
-        # through the decoder's blocks.
-        decoder = base_model.get_decoder()
-        for module in repeated_blocks(decoder) or [decoder]:
+        # through them.
+        try:
+            modules = list(decoder_layers(base_model))
+        except ValueError:  # no list of layers to find: the decoder whole
+            modules = [base_model.get_decoder()]
+        for module in modules:
             module.compile(dynamic=True)
     return attention
 
 
-def repeated_blocks(decoder: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder's transformer blocks: the longest `nn.ModuleList` among its children whose
-    modules are all of one class (Llama's `layers`, GPT-2's and BLOOM's `h`); empty if it has none."""
-    lists = [child for child in decoder.children() if isinstance(child, torch.nn.ModuleList) and len(child) > 0
-             and len({type(module) for module in child}) == 1]
-    return list(max(lists, key=len)) if lists else []
+def decoder_layers(base_model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The frozen model's decoder layers, found generically: the outermost ModuleList with
+    `num_hidden_layers` modules (`model.layers` in Llama, `transformer.h` in GPT-2 and BLOOM)."""
+    num_layers = base_model.config.num_hidden_layers
+    for module in base_model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"{type(base_model).__name__} has no list of {num_layers} decoder layers")
 
 
 def set_attention(base_model, attention: str, device_type: str, precision: str) -> str:

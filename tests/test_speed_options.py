@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from soft_prompt import SoftPromptModel
-from soft_prompt.runtime import apply_speed_options, repeated_blocks, set_attention
+from soft_prompt.runtime import apply_speed_options, decoder_layers, set_attention
 from tests.conftest import load
 
 TEXTS = ["the cat is lovely", "our team made me smile and helps everyone"]
@@ -73,9 +73,13 @@ def test_a_kernel_the_model_cannot_run_is_one_line(model_dir, monkeypatch):
         set_attention(base, kernel, "cpu", "fp32")
 
 
-def test_compile_finds_the_repeated_blocks(model_dir):
-    # --compile compiles each block, whose code all blocks share, instead of the decoder whole.
-    decoder = load(model_dir)[0].get_decoder()
-    blocks = decoder.h if hasattr(decoder, "h") else decoder.layers  # GPT-2 and BLOOM, Llama
-    assert len(blocks) > 1 and repeated_blocks(decoder) == list(blocks)
-    assert repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []
+
+def test_decoder_layers_are_found_for_compile(model_dir):
+    # --compile compiles each of these, whose code they all share, instead of the decoder whole.
+    base = load(model_dir)[0]
+    decoder = base.get_decoder()
+    layers = decoder.h if hasattr(decoder, "h") else decoder.layers  # GPT-2 and BLOOM, Llama
+    assert len(layers) == base.config.num_hidden_layers > 1 and decoder_layers(base) is layers
+    base.config.num_hidden_layers += 1
+    with pytest.raises(ValueError, match=f"has no list of {len(layers) + 1} decoder layers"):
+        decoder_layers(base)

@@ -96,7 +96,11 @@ def apply_speed_options(base_model, model_cfg: ModelConfig) -> str:
     attention = set_attention(base_model, model_cfg.attention, model_cfg.device, model_cfg.precision)
     if model_cfg.gradient_checkpointing:
         # Non-reentrant checkpointing: the frozen weights need no grad, only the prompt's path does.
-        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_kwargs = {"use_reentrant": False}
+        if hasattr(base_model, "activation_checkpointing_enable"):  # its name from transformers 5.23 on
+            base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+        else:  # the old name, which 5.23 on warns about
+            base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
     if model_cfg.compile:
         # Each layer compiled, not the decoder whole (PyTorch's "regional compilation"): the layers
         # share their code, so one compile serves all of them. Both loss() and forward() run

@@ -1,5 +1,6 @@
 """The training speed options change how the frozen model runs, not what it computes."""
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -83,3 +84,13 @@ def test_decoder_layers_are_found_for_compile(model_dir):
     base.config.num_hidden_layers += 1
     with pytest.raises(ValueError, match=f"has no list of {len(layers) + 1} decoder layers"):
         decoder_layers(base)
+
+
+def test_gradient_checkpointing_is_asked_for_by_transformers_current_name(bloom_dir):
+    # transformers 5.23 renamed gradient_checkpointing_enable, and the old name warns on every run.
+    base, _ = load(bloom_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        apply_speed_options(base, SimpleNamespace(
+            attention="auto", device="cpu", precision="fp32", gradient_checkpointing=True, compile=False))
+    assert all(layer.gradient_checkpointing is True for layer in decoder_layers(base))

@@ -5,8 +5,10 @@ import torch
 
 from soft_prompt import SoftPromptModel
 from soft_prompt.bloom_sdpa import use_sdpa_attention
+from soft_prompt.config import ModelConfig
 from soft_prompt.masks import IGNORE_INDEX
 from soft_prompt.prefix_attention import NAME, PrefixLayout, prefix_attention, prefix_attention_kernel, routed_to_prefix_attention
+from soft_prompt.runtime import apply_speed_options
 from soft_prompt.shared_prefix import batch_cost, shared_prefix_loss, shared_prefix_supported, text_columns
 from tests.conftest import load
 
@@ -132,18 +134,14 @@ def test_bf16_autocast_stays_within_the_bf16_tolerance(model_dir, attention):
 
 
 def test_a_compiled_decoder_still_takes_the_one_pass(tmp_path):
-    """--compile compiles the decoder once the attention setting is read: the one pass's switch to
-    the prefix attention must reach the compiled graph (a graph compiled for the model's own
-    attention would run the flat sequence as one causal row and give another loss)."""
-    from types import SimpleNamespace
-
-    from soft_prompt.runtime import apply_speed_options
+    """--compile compiles the decoder's layers once the attention setting is read: the one pass's
+    switch to the prefix attention must reach the compiled graph (a graph compiled for the model's
+    own attention would run the flat sequence as one causal row and give another loss)."""
     from soft_prompt.tiny import save_tiny_model
 
     model, batch = wrapped(save_tiny_model(tmp_path, "llama"))
     plain_loss, plain_grad = loss_and_gradient(model, model.loss, [batch], [1.0])
-    apply_speed_options(model.base_model, SimpleNamespace(
-        attention="eager", device="cpu", precision="fp32", gradient_checkpointing=False, compile=True))
+    apply_speed_options(model.base_model, ModelConfig(attention="eager", device="cpu", precision="fp32", compile=True))
     with torch.no_grad():  # compiled for eager first (forward only: a shorter compile)
         compiled_plain_loss = model.loss(**batch)
     shared_loss, shared_grad = loss_and_gradient(model, shared(model), [batch], [1.0])
@@ -184,7 +182,7 @@ def test_unsupported_models_and_modes_say_why(tmp_path):
         False, "dropout is active in training mode, and the rows would share the prompt's dropout"
     )
     checkpointed, _ = wrapped(llama_dir)
-    checkpointed.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_speed_options(checkpointed.base_model, ModelConfig(device="cpu", precision="fp32", gradient_checkpointing=True))
     assert shared_prefix_supported(checkpointed)[0]  # evaluation keeps the cache
     checkpointed.train()
     assert shared_prefix_supported(checkpointed) == (

@@ -1,12 +1,12 @@
 """The training speed options change how the frozen model runs, not what it computes."""
 
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from soft_prompt import SoftPromptModel
+from soft_prompt.config import ModelConfig
 from soft_prompt.runtime import apply_speed_options, decoder_layers, set_attention
 from tests.conftest import load
 
@@ -15,8 +15,7 @@ TEXTS = ["the cat is lovely", "our team made me smile and helps everyone"]
 
 def loss_and_grad(model_dir, training=True, **options):
     base, tokenizer = load(model_dir)
-    defaults = {"attention": "auto", "device": "cpu", "precision": "fp32", "gradient_checkpointing": False, "compile": False}
-    apply_speed_options(base, SimpleNamespace(**{**defaults, **options}))
+    apply_speed_options(base, ModelConfig(**{"device": "cpu", "precision": "fp32", **options}))
     model = SoftPromptModel(base, num_virtual_tokens=3, seed=0).train(training)
     inputs = tokenizer(TEXTS, return_tensors="pt", padding=True)
     loss = model.loss(**inputs)
@@ -53,8 +52,7 @@ def test_auto_attention_is_eager_on_cpu_at_16_bits_else_the_models_own(model_dir
     loaded = base.config._attn_implementation  # sdpa for GPT-2 and Llama, eager for BLOOM
     assert set_attention(base, "auto", device, precision) == (expected or loaded)
     assert base.config._attn_implementation == (expected or loaded)
-    recorded = apply_speed_options(load(model_dir)[0], SimpleNamespace(
-        attention="auto", device=device, precision=precision, gradient_checkpointing=False, compile=False))
+    recorded = apply_speed_options(load(model_dir)[0], ModelConfig(device=device, precision=precision))
     assert recorded == (expected or loaded)
 
 
@@ -74,7 +72,6 @@ def test_a_kernel_the_model_cannot_run_is_one_line(model_dir, monkeypatch):
         set_attention(base, kernel, "cpu", "fp32")
 
 
-
 def test_decoder_layers_are_found_for_compile(model_dir):
     # --compile compiles each of these, whose code they all share, instead of the decoder whole.
     base = load(model_dir)[0]
@@ -91,6 +88,5 @@ def test_gradient_checkpointing_is_asked_for_by_transformers_current_name(bloom_
     base, _ = load(bloom_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        apply_speed_options(base, SimpleNamespace(
-            attention="auto", device="cpu", precision="fp32", gradient_checkpointing=True, compile=False))
+        apply_speed_options(base, ModelConfig(device="cpu", precision="fp32", gradient_checkpointing=True))
     assert all(layer.gradient_checkpointing is True for layer in decoder_layers(base))
